@@ -1,0 +1,28 @@
+"""Test setup: Triton runs in its interpreter on the CPU when there is no CUDA.
+
+``TRITON_INTERPRET`` must be set before ``triton`` is imported anywhere, so it is set here at
+collection time.
+"""
+
+import os
+
+try:  # decide without importing triton
+    import torch
+
+    _has_cuda = torch.cuda.is_available()
+except Exception:  # pragma: no cover
+    _has_cuda = False
+
+if not _has_cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if _has_cuda:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
