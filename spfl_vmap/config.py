@@ -1,0 +1,201 @@
+"""Run configuration: one frozen dataclass, validated before any work starts.
+
+Field names are the original toolkit's flag names (``--client_num_in_total``, ``--comm_round``,
+``--partition_method`` ...) so its users' scripts carry over; the CLI accepts each with dashes or
+underscores. A YAML/JSON file (``--config``) may supply any field; flags given on the command
+line override it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+from .errors import ConfigError
+
+PARTITIONS = ("homo", "hetero", "shards")
+CLIENT_OPTIMIZERS = ("sgd", "adam")
+SERVER_OPTIMIZERS = ("sgd", "adam")
+ENGINES = ("vmap", "loop")
+STRATEGIES = ("auto", "vmap", "loop")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything that determines a run. Same config + same device = same result."""
+
+    # data
+    dataset: str = field(default="fashion_mnist", metadata={"help": "dataset name"})
+    data_dir: str = field(default="./data", metadata={"help": "root of torchvision-layout datasets"})
+    download: bool = field(default=False, metadata={"help": "download missing datasets (needs internet)"})
+    synthetic_train: int = field(default=2000, metadata={"help": "train samples of the synthetic dataset"})
+    synthetic_test: int = field(default=500, metadata={"help": "test samples of the synthetic dataset"})
+    partition_method: str = field(default="hetero", metadata={"help": "homo (IID) | hetero (Dirichlet) | shards"})
+    partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration for hetero"})
+    partition_min_samples: int = field(default=10, metadata={"help": "minimum samples per client for hetero"})
+    client_num_in_total: int = field(default=100, metadata={"help": "number of clients"})
+    client_num_per_round: int = field(default=10, metadata={"help": "clients sampled per round"})
+    # model
+    model: str = field(default="lr", metadata={"help": "lr | cnn | cnn_cifar | convnet | resnet20 | resnet56"})
+    model_width: int = field(default=64, metadata={"help": "width of convnet"})
+    # local training
+    comm_round: int = field(default=10, metadata={"help": "number of rounds"})
+    epochs: int = field(default=1, metadata={"help": "local epochs per round"})
+    batch_size: int = field(default=10, metadata={"help": "local batch size B"})
+    client_optimizer: str = field(default="sgd", metadata={"help": "sgd | adam"})
+    lr: float = field(default=0.03, metadata={"help": "client learning rate"})
+    momentum: float = field(default=0.0, metadata={"help": "client SGD momentum"})
+    wd: float = field(default=0.0, metadata={"help": "client weight decay"})
+    use_gradient: bool = field(default=False, metadata={"help": "FedSGD: clients upload their full local gradient"})
+    # server
+    server_optimizer: str = field(default="sgd", metadata={"help": "sgd | adam, applied to the aggregate"})
+    server_lr: Optional[float] = field(default=None, metadata={"help": "server lr (default 1, or --lr with --use_gradient)"})
+    server_momentum: float = field(default=0.0, metadata={"help": "server SGD momentum (FedAvgM)"})
+    # engine
+    engine: str = field(default="vmap", metadata={"help": "vmap (vectorized) | loop (per-client reference)"})
+    strategy: str = field(default="auto", metadata={"help": "vmap engine strategy: auto | vmap | loop"})
+    client_chunk: int = field(default=0, metadata={"help": "clients trained together per chunk (0 = automatic)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    seed: int = field(default=0, metadata={"help": "seed of everything random in the run"})
+    # evaluation and outputs
+    frequency_of_the_test: int = field(default=5, metadata={"help": "evaluate every K rounds (and at the last)"})
+    eval_batch_size: int = field(default=2000, metadata={"help": "batch size of the global test evaluation"})
+    out: Optional[str] = field(default=None, metadata={"help": "run directory (default runs/<timestamp>-<name>)"})
+    name: Optional[str] = field(default=None, metadata={"help": "run name used in the default run directory"})
+    checkpoint_every: int = field(default=0, metadata={"help": "write a checkpoint every K rounds (0 = never)"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        from .data import DATASETS, dataset_meta
+        from .models import MODELS, check_model_input
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS.names())}")
+        need(self.model in MODELS, f"unknown model {self.model!r}; choose one of: {', '.join(MODELS.names())}")
+        need(self.partition_method in PARTITIONS, f"--partition_method must be one of {PARTITIONS}, got {self.partition_method!r}")
+        need(self.client_optimizer in CLIENT_OPTIMIZERS, f"--client_optimizer must be one of {CLIENT_OPTIMIZERS}, got {self.client_optimizer!r}")
+        need(self.server_optimizer in SERVER_OPTIMIZERS, f"--server_optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        need(self.engine in ENGINES, f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        need(self.strategy in STRATEGIES, f"--strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        need(self.device in DEVICES, f"--device must be one of {DEVICES}, got {self.device!r}")
+        need(self.client_num_in_total >= 1, f"--client_num_in_total must be >= 1, got {self.client_num_in_total}")
+        need(self.client_num_per_round >= 1, f"--client_num_per_round must be >= 1, got {self.client_num_per_round}")
+        need(
+            self.client_num_per_round <= self.client_num_in_total,
+            f"--client_num_per_round ({self.client_num_per_round}) cannot exceed --client_num_in_total ({self.client_num_in_total})",
+        )
+        need(self.comm_round >= 1, f"--comm_round must be >= 1, got {self.comm_round}")
+        need(self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"--batch_size must be >= 1, got {self.batch_size}")
+        for name in ("lr", "wd", "momentum", "server_momentum", "partition_alpha"):
+            v = getattr(self, name)
+            need(math.isfinite(v) and v >= 0, f"--{name} must be a finite number >= 0, got {v}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.momentum < 1 and self.server_momentum < 1, "momentum must be < 1")
+        if self.partition_method == "hetero":
+            need(self.partition_alpha > 0, f"--partition_alpha must be > 0 for hetero, got {self.partition_alpha}")
+        need(self.partition_min_samples >= 1, "--partition_min_samples must be >= 1")
+        if self.server_lr is not None:
+            need(math.isfinite(self.server_lr) and self.server_lr > 0, f"--server_lr must be > 0, got {self.server_lr}")
+        need(self.frequency_of_the_test >= 1, "--frequency_of_the_test must be >= 1")
+        need(self.eval_batch_size >= 1, "--eval_batch_size must be >= 1")
+        need(self.client_chunk >= 0, "--client_chunk must be >= 0")
+        need(self.checkpoint_every >= 0, "--checkpoint_every must be >= 0")
+        need(self.model_width >= 1, "--model_width must be >= 1")
+        need(self.synthetic_train >= 1 and self.synthetic_test >= 1, "synthetic sizes must be >= 1")
+        need(0 <= self.seed < 2**63, "--seed must be in [0, 2^63)")
+        meta = dataset_meta(self.dataset)
+        check_model_input(self.model, meta.input_shape, self.dataset)
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr is not None:
+            return self.server_lr
+        return self.lr if self.use_gradient else 1.0
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        """Build from a mapping; keys may use dashes; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        norm = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(norm) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        hints = field_types()
+        return cls(**{k: coerce(k, v, hints[k]) for k, v in norm.items()})
+
+
+def field_types() -> dict[str, Any]:
+    return get_type_hints(Config)
+
+
+def base_type(tp: Any) -> type:
+    """``Optional[float]`` -> ``float``."""
+    args = getattr(tp, "__args__", None)
+    if args:
+        non_none = [a for a in args if a is not type(None)]
+        return non_none[0]
+    return tp
+
+
+def coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML/JSON/CLI value to the field's type, with a one-line error on failure."""
+    if value is None:
+        return None
+    bt = base_type(tp)
+    try:
+        if bt is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if bt is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if bt is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} expects {bt.__name__}, got {value!r}") from None
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON mapping of config fields."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of flag names to values")
+    return data

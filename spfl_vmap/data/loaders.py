@@ -1,0 +1,275 @@
+"""Dataset loaders. Each returns a :class:`Dataset` of normalised float tensors.
+
+Files come from standard places, never from a hub at run time unless ``--download`` is given:
+
+* ``fashion_mnist`` / ``mnist``: IDX files (``*-ubyte`` or ``*-ubyte.gz``) in torchvision's layout
+  ``<data_dir>/FashionMNIST/raw`` (``MNIST/raw``), directly in ``<data_dir>``, or (FashionMNIST)
+  Debian's ``dataset-fashion-mnist`` package under ``/usr/share/datasets/fashion-mnist``.
+* ``cifar10`` / ``cifar100``: torchvision's python pickles ``cifar-10-batches-py`` /
+  ``cifar-100-python`` in ``<data_dir>``.
+* ``digits``: scikit-learn's bundled 8x8 digits (always available).
+* ``synthetic``: a deterministic Gaussian-mixture generator for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+from ..registry import Registry
+from ..rng import generator
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    """What the config validator needs to know without loading: input shape and class count."""
+
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: ``x_*`` are ``[n, C, H, W]`` float32, normalised; ``y_*`` are int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    source: str
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+Loader = Callable[..., Dataset]
+DATASETS: Registry[Loader] = Registry("dataset")
+META: dict[str, DatasetMeta] = {}
+
+
+def register(name: str, meta: DatasetMeta) -> Callable[[Loader], Loader]:
+    META[name] = meta
+    return DATASETS.register(name)
+
+
+def dataset_meta(name: str) -> DatasetMeta:
+    DATASETS.get(name)  # raises the one-line error for unknown names
+    return META[name]
+
+
+def load_dataset(name: str, data_dir: str = "./data", download: bool = False, **kw) -> Dataset:
+    """Load dataset ``name``; raises :class:`DataError` with the fix when files are missing."""
+    return DATASETS.get(name)(data_dir=data_dir, download=download, **kw)
+
+
+# ---- IDX (MNIST family) -------------------------------------------------------------------
+IDX_FILES = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (optionally gzipped) into a uint8 array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path} is not a uint8 IDX file")
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}")
+    return body.reshape(dims)
+
+
+def find_idx_dir(dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        if all((d / f).is_file() or (d / (f + ".gz")).is_file() for f in IDX_FILES.values()):
+            return d
+    return None
+
+
+def idx_path(d: Path, stem: str) -> Path:
+    return d / stem if (d / stem).is_file() else d / (stem + ".gz")
+
+
+def load_idx_dataset(
+    name: str, tv_folder: str, data_dir: str, download: bool, extra_dirs: list[Path], fix: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+    root = Path(data_dir)
+    dirs = [root / tv_folder / "raw", root] + extra_dirs
+    d = find_idx_dir(dirs)
+    if d is None and download:
+        import torchvision
+
+        cls = getattr(torchvision.datasets, tv_folder)
+        try:
+            cls(str(root), train=True, download=True)
+            cls(str(root), train=False, download=True)
+        except Exception as e:
+            raise DataError(f"downloading {name} into {root} failed: {str(e).splitlines()[0]}") from None
+        d = find_idx_dir(dirs)
+    if d is None:
+        where = ", ".join(str(x) for x in dirs)
+        raise DataError(f"{name} not found: expected {', '.join(IDX_FILES.values())} (.gz allowed) in one of {where}; {fix}")
+    arrs = {k: read_idx(idx_path(d, v)) for k, v in IDX_FILES.items()}
+    xtr = torch.from_numpy(arrs["train_x"].copy()).float().div_(255.0)[:, None]
+    xte = torch.from_numpy(arrs["test_x"].copy()).float().div_(255.0)[:, None]
+    ytr = torch.from_numpy(arrs["train_y"].astype(np.int64))
+    yte = torch.from_numpy(arrs["test_y"].astype(np.int64))
+    return xtr, ytr, xte, yte, str(d)
+
+
+def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+@register("fashion_mnist", DatasetMeta((1, 28, 28), 10))
+def load_fashion_mnist(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
+    """FashionMNIST (Xiao et al. 2017): 60k/10k 28x28 grayscale, 10 classes."""
+    fix = "install Debian's copy with `apt-get install dataset-fashion-mnist` (scripts/demo does this), or pass --download"
+    xtr, ytr, xte, yte, src = load_idx_dataset("fashion_mnist", "FashionMNIST", data_dir, download, [DEBIAN_FASHION_MNIST], fix)
+    mean, std = (0.2860,), (0.3530,)
+    return Dataset("fashion_mnist", normalise(xtr, mean, std), ytr, normalise(xte, mean, std), yte, 10, src)
+
+
+def _mnist_raw(data_dir: str, download: bool):
+    fix = "put torchvision's MNIST files in <data_dir>/MNIST/raw or pass --download"
+    return load_idx_dataset("mnist", "MNIST", data_dir, download, [], fix)
+
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+
+
+@register("mnist", DatasetMeta((1, 28, 28), 10))
+def load_mnist(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
+    """MNIST (LeCun et al. 1998): 60k/10k 28x28 grayscale digits."""
+    xtr, ytr, xte, yte, src = _mnist_raw(data_dir, download)
+    return Dataset("mnist", normalise(xtr, MNIST_MEAN, MNIST_STD), ytr, normalise(xte, MNIST_MEAN, MNIST_STD), yte, 10, src)
+
+
+def to_rgb32(x: torch.Tensor) -> torch.Tensor:
+    """``[n, 1, 28, 28]`` -> ``[n, 3, 32, 32]``: bilinear resize, grey copied to 3 channels."""
+    out = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    return out.expand(-1, 3, -1, -1).contiguous()
+
+
+@register("mnist_rgb", DatasetMeta((3, 32, 32), 10))
+def load_mnist_rgb(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
+    """MNIST as 3x32x32, as the original toolkit fed its ConvNet runs."""
+    xtr, ytr, xte, yte, src = _mnist_raw(data_dir, download)
+    m3, s3 = MNIST_MEAN * 3, MNIST_STD * 3
+    return Dataset("mnist_rgb", normalise(to_rgb32(xtr), m3, s3), ytr, normalise(to_rgb32(xte), m3, s3), yte, 10, src)
+
+
+# ---- CIFAR -------------------------------------------------------------------------------
+def _load_cifar(name: str, folder: str, train_files: list[str], test_file: str, label_key: str,
+                tv_cls: str, data_dir: str, download: bool) -> tuple:
+    root = Path(data_dir)
+    d = root / folder
+    needed = [d / f for f in train_files + [test_file]]
+    if not all(p.is_file() for p in needed) and download:
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, tv_cls)(str(root), train=True, download=True)
+        except Exception as e:
+            raise DataError(f"downloading {name} into {root} failed: {str(e).splitlines()[0]}") from None
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise DataError(
+            f"{name} not found: expected torchvision's python layout {d}/ (missing {missing[0]}"
+            f"{' and more' if len(missing) > 1 else ''}); pass --download, or unpack the python-version archive into {root}"
+        )
+
+    def read(files: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for p in files:
+            with open(p, "rb") as fh:
+                entry = pickle.load(fh, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(entry[label_key], dtype=np.int64))
+        return torch.from_numpy(np.concatenate(xs)).float().div_(255.0), torch.from_numpy(np.concatenate(ys))
+
+    xtr, ytr = read([d / f for f in train_files])
+    xte, yte = read([d / test_file])
+    return xtr, ytr, xte, yte, str(d)
+
+
+@register("cifar10", DatasetMeta((3, 32, 32), 10))
+def load_cifar10(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
+    """CIFAR-10 (Krizhevsky 2009): 50k/10k 32x32 RGB, 10 classes."""
+    xtr, ytr, xte, yte, src = _load_cifar(
+        "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels",
+        "CIFAR10", data_dir, download,
+    )
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    return Dataset("cifar10", normalise(xtr, mean, std), ytr, normalise(xte, mean, std), yte, 10, src)
+
+
+@register("cifar100", DatasetMeta((3, 32, 32), 100))
+def load_cifar100(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
+    """CIFAR-100 (Krizhevsky 2009): 50k/10k 32x32 RGB, 100 fine classes."""
+    xtr, ytr, xte, yte, src = _load_cifar(
+        "cifar100", "cifar-100-python", ["train"], "test", "fine_labels", "CIFAR100", data_dir, download,
+    )
+    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    return Dataset("cifar100", normalise(xtr, mean, std), ytr, normalise(xte, mean, std), yte, 100, src)
+
+
+# ---- always available ---------------------------------------------------------------------
+@register("digits", DatasetMeta((1, 8, 8), 10))
+def load_digits(**_) -> Dataset:
+    """scikit-learn's bundled UCI 8x8 digits (1,797 images); a fixed 80/20 stratified split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = torch.from_numpy(d.images.astype(np.float32) / 16.0)[:, None]  # (n, 1, 8, 8)
+    y = torch.from_numpy(d.target.astype(np.int64))
+    perm = torch.randperm(len(y), generator=generator(0, "digits-split"))
+    n_test = len(y) // 5
+    te, tr = perm[:n_test], perm[n_test:]
+    mean, std = float(x[tr].mean()), float(x[tr].std())
+    x = (x - mean) / std
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, "sklearn.datasets.load_digits")
+
+
+@register("synthetic", DatasetMeta((1, 28, 28), 10))
+def load_synthetic(synthetic_train: int = 2000, synthetic_test: int = 500, **_) -> Dataset:
+    """Deterministic 10-class Gaussian mixture shaped like MNIST (1x28x28).
+
+    Class means are random smooth images; samples add unit-variance noise. Independent of the
+    run seed so that every run sees the same data.
+    """
+    g = generator(0, "synthetic-data")
+    num_classes = 10
+    means = torch.randn(num_classes, 1, 7, 7, generator=g)
+    means = F.interpolate(means, size=(28, 28), mode="bilinear", align_corners=False) * 0.7
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, num_classes, (n,), generator=g)
+        x = means[y] + torch.randn(n, 1, 28, 28, generator=g)
+        return x, y
+
+    xtr, ytr = draw(synthetic_train)
+    xte, yte = draw(synthetic_test)
+    return Dataset("synthetic", xtr, ytr, xte, yte, num_classes, "generated")
