@@ -119,8 +119,15 @@ def cmd_run(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_privacy_epsilon(argv: Sequence[str]) -> int:
+    from .privacy.cli_epsilon import privacy_epsilon_main
+
+    return privacy_epsilon_main(list(argv))
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], int]]] = {
     "run": ("train one configuration", cmd_run),
+    "privacy-epsilon": ("epsilon (or calibrated sigma) of DP-SGD, without training", cmd_privacy_epsilon),
 }
 
 
@@ -136,7 +143,7 @@ def _load_optional_commands() -> None:
     """Commands that live with their modules register themselves on import."""
     import importlib
 
-    for mod in ("spfl_vmap.bench_cli", "spfl_vmap.privacy.cli_epsilon"):
+    for mod in ("spfl_vmap.bench_cli",):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -171,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SpflError as e:
         print(f"spfl {argv[0]}: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # argparse's --help and usage errors
+        return e.code if isinstance(e.code, int) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
