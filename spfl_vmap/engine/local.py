@@ -134,12 +134,22 @@ class VmapTrainer:
 
         return one
 
+    label_poison: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by the simulator
+    _poison: torch.Tensor | None = None  # (n,) bool for the chunk being trained
+
     def _batch(self, rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gidx = rows.gather(1, pos)  # (n, B) indices into the flat training set
-        return self.packed.x[gidx], self.packed.y[gidx]
+        y = self.packed.y[gidx]
+        if self._poison is not None and self.label_poison is not None:
+            y = torch.where(self._poison[:, None], self.label_poison(y), y)
+        return self.packed.x[gidx], y
 
-    def train(self, global_params: Params, client_ids: list[int], sched: Schedule) -> LocalResult:
-        """Run local training for ``client_ids``; returns the ``[N, D]`` update matrix."""
+    def train(self, global_params: Params, client_ids: list[int], sched: Schedule, poisoned: torch.Tensor | None = None) -> LocalResult:
+        """Run local training for ``client_ids``; returns the ``[N, D]`` update matrix.
+
+        ``poisoned`` (``[N]`` bool) marks clients that train on ``self.label_poison(y)`` instead
+        of their true labels (data-poisoning attacks such as label flipping).
+        """
         N = len(client_ids)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
@@ -147,6 +157,7 @@ class VmapTrainer:
             hi = min(N, lo + self.chunk)
             ids = torch.tensor(client_ids[lo:hi], device=self.device)
             part = sched.select(slice(lo, hi))
+            self._poison = None if poisoned is None or not bool(poisoned[lo:hi].any()) else poisoned[lo:hi].to(self.device)
             if self.cfg.use_gradient:
                 U[lo:hi], losses[lo:hi] = self._gradient_chunk(global_params, ids, part)
             else:

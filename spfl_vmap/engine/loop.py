@@ -37,7 +37,9 @@ class LoopTrainer:
     def _flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
-    def train(self, global_params: Params, client_ids: list[int], sched: Schedule) -> LocalResult:
+    label_poison = None  # set by the simulator for data-poisoning attacks
+
+    def train(self, global_params: Params, client_ids: list[int], sched: Schedule, poisoned: torch.Tensor | None = None) -> LocalResult:
         N = len(client_ids)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
@@ -45,8 +47,9 @@ class LoopTrainer:
         for i, cid in enumerate(client_ids):
             self._load(global_params)
             rows = self.packed.client_indices(cid)
+            poison = self.label_poison if poisoned is not None and bool(poisoned[i]) else None
             if self.cfg.use_gradient:
-                U[i], losses[i] = self._full_gradient(rows)
+                U[i], losses[i] = self._full_gradient(rows, poison)
                 continue
             opt = self._optimizer()
             total, steps = 0.0, 0
@@ -55,8 +58,9 @@ class LoopTrainer:
                 if not bool(m.any()):
                     continue
                 gidx = rows[sched.pos[i, t][m].to(self.device)]
+                y = self.packed.y[gidx] if poison is None else poison(self.packed.y[gidx])
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.model(self.packed.x[gidx]), self.packed.y[gidx])
+                loss = F.cross_entropy(self.model(self.packed.x[gidx]), y)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
@@ -65,13 +69,14 @@ class LoopTrainer:
             losses[i] = total / max(steps, 1)
         return LocalResult(U, losses, self.strategy, 1)
 
-    def _full_gradient(self, rows: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _full_gradient(self, rows: torch.Tensor, poison=None) -> tuple[torch.Tensor, float]:
         B = self.cfg.batch_size
         self.model.zero_grad(set_to_none=True)
         total = 0.0
         for lo in range(0, len(rows), B):
             idx = rows[lo : lo + B]
-            loss = F.cross_entropy(self.model(self.packed.x[idx]), self.packed.y[idx], reduction="sum")
+            y = self.packed.y[idx] if poison is None else poison(self.packed.y[idx])
+            loss = F.cross_entropy(self.model(self.packed.x[idx]), y, reduction="sum")
             loss.backward()
             total += float(loss.detach())
         g = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
