@@ -23,6 +23,44 @@ SERVER_OPTIMIZERS = ("sgd", "adam")
 ENGINES = ("vmap", "loop")
 STRATEGIES = ("auto", "vmap", "loop")
 DEVICES = ("auto", "cpu", "cuda")
+DP_MODES = ("none", "example", "user", "local")
+# keyword arguments the engine passes itself; users may not set them in *_params
+ENGINE_KWARGS = {"weights", "f", "state", "generator", "knowledge", "aggregator", "malicious"}
+
+
+def parse_params(text: str) -> dict[str, Any]:
+    """``"a=1,b=x,c=true"`` -> ``{"a": 1, "b": "x", "c": True}`` (ints, floats, bools, strings)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            raise ConfigError(f"hyperparameter {item!r} must look like name=value")
+        k, v = (x.strip() for x in item.split("=", 1))
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+        elif low in ("none", "null"):
+            out[k] = None
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
+
+
+def check_params(flag: str, fn: Any, text: str) -> None:
+    """Every key of ``text`` must be a keyword-only parameter of ``fn``; a typo is an error."""
+    import inspect
+
+    allowed = {
+        n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    } - ENGINE_KWARGS
+    for key in parse_params(text):
+        if key not in allowed:
+            raise ConfigError(f"{flag}: {fn.__name__} has no hyperparameter {key!r}; it takes: {', '.join(sorted(allowed)) or 'none'}")
 
 
 @dataclass(frozen=True)
@@ -69,6 +107,29 @@ class Config:
     name: Optional[str] = field(default=None, metadata={"help": "run name used in the default run directory"})
     checkpoint_every: int = field(default=0, metadata={"help": "write a checkpoint every K rounds (0 = never)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    # Byzantine resilience (original toolkit flag names)
+    byzantine_aggregate: bool = field(default=False, metadata={"help": "original toolkit switch; the module is on whenever --by_attack/--by_defense is set"})
+    by_defense: str = field(default="mean", metadata={"help": "aggregator: mean | median | trimmed_mean | krum | multi_krum | bulyan | dnc | geomed | centered_clipping | signguard | norm_clip"})
+    by_defense_params: str = field(default="", metadata={"help": "aggregator hyperparameters, e.g. 'beta=0.1' or 'tau=5,n_iter=3'"})
+    by_attack: str = field(default="none", metadata={"help": "attack: none | gaussian | sign_flip | label_flip | alie | ipm | min_max | min_sum | fang | nan | inf"})
+    by_attack_params: str = field(default="", metadata={"help": "attack hyperparameters, e.g. 'sigma=200' or 'perturbation=sign'"})
+    by_workers: int = field(default=0, metadata={"help": "number of Byzantine clients"})
+    by_frac: float = field(default=0.0, metadata={"help": "fraction of Byzantine clients (alternative to --by_workers)"})
+    by_mode: str = field(default="fixed", metadata={"help": "fixed: a fixed set of malicious client ids; per_round: exactly by_workers malicious in every cohort"})
+    by_f: Optional[int] = field(default=None, metadata={"help": "f the aggregator assumes (default: expected malicious clients per round)"})
+    all_grads: bool = field(default=True, metadata={"help": "omniscient attacker that sees all benign updates; --no-all_grads: only its own"})
+    # differential privacy (original toolkit flag names where they exist)
+    differential_privacy: bool = field(default=False, metadata={"help": "original toolkit switch; same as --dp_mode example"})
+    dp_mode: str = field(default="none", metadata={"help": "none | example (DP-SGD per client) | user (DP-FedAvg) | local (each client noises its update)"})
+    dp_sigma: float = field(default=1.0, metadata={"help": "noise multiplier sigma"})
+    dp_delta: Optional[float] = field(default=None, metadata={"help": "delta (default 1/n: dataset size for example level, population for user level)"})
+    grad_norm: float = field(default=1.0, metadata={"help": "clip norm: per-sample gradient (example) or whole update (user, local)"})
+    target_epsilon: Optional[float] = field(default=None, metadata={"help": "calibrate --dp_sigma so that the whole run spends this epsilon"})
+    accountant: str = field(default="rdp", metadata={"help": "rdp | prv"})
+    dp_adaptive_clip: bool = field(default=False, metadata={"help": "user level: adaptive clipping to a norm quantile (Andrew et al. 2021)"})
+    dp_clip_quantile: float = field(default=0.5, metadata={"help": "target quantile of adaptive clipping"})
+    dp_clip_lr: float = field(default=0.2, metadata={"help": "geometric learning rate of adaptive clipping"})
+    dp_epsilon_json: bool = field(default=False, metadata={"help": "also write epsilons.json: {client_id: epsilon} as the original toolkit did"})
 
     def __post_init__(self) -> None:
         from .data import DATASETS, dataset_meta
@@ -114,6 +175,44 @@ class Config:
         need(0 <= self.seed < 2**63, "--seed must be in [0, 2^63)")
         meta = dataset_meta(self.dataset)
         check_model_input(self.model, meta.input_shape, self.dataset)
+        self._validate_byzantine(need)
+        self._validate_privacy(need)
+
+    def _validate_byzantine(self, need) -> None:
+        from .aggregators import AGGREGATORS
+        from .attacks import ATTACKS
+
+        need(self.by_defense in AGGREGATORS, f"unknown --by_defense {self.by_defense!r}; choose one of: {', '.join(AGGREGATORS.names())}")
+        need(self.by_attack in ATTACKS, f"unknown --by_attack {self.by_attack!r}; choose one of: {', '.join(ATTACKS.names())}")
+        need(self.by_mode in ("fixed", "per_round"), f"--by_mode must be fixed or per_round, got {self.by_mode!r}")
+        need(self.by_workers >= 0, "--by_workers must be >= 0")
+        need(0.0 <= self.by_frac < 1.0, f"--by_frac must be in [0, 1), got {self.by_frac}")
+        need(not (self.by_workers and self.by_frac), "give --by_workers or --by_frac, not both")
+        limit = self.client_num_per_round if self.by_mode == "per_round" else self.client_num_in_total
+        need(self.num_byzantine <= limit, f"{self.num_byzantine} Byzantine clients exceed the {limit} clients available")
+        need(self.by_attack == "none" or self.num_byzantine > 0, f"--by_attack {self.by_attack} needs --by_workers or --by_frac > 0")
+        if self.by_f is not None:
+            need(0 <= self.by_f < self.client_num_per_round, "--by_f must be in [0, client_num_per_round)")
+        check_params("--by_defense_params", AGGREGATORS.get(self.by_defense), self.by_defense_params)
+        check_params("--by_attack_params", ATTACKS.get(self.by_attack), self.by_attack_params)
+
+    def _validate_privacy(self, need) -> None:
+        need(self.dp_mode in DP_MODES, f"--dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}")
+        need(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
+        if self.effective_dp_mode == "none":
+            return
+        need(math.isfinite(self.dp_sigma) and self.dp_sigma >= 0, f"--dp_sigma must be >= 0, got {self.dp_sigma}")
+        need(self.grad_norm > 0, f"--grad_norm must be > 0, got {self.grad_norm}")
+        if self.dp_delta is not None:
+            need(0 < self.dp_delta < 1, f"--dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.target_epsilon is not None:
+            need(math.isfinite(self.target_epsilon) and self.target_epsilon > 0, "--target_epsilon must be > 0")
+        need(0 < self.dp_clip_quantile < 1 and self.dp_clip_lr > 0, "--dp_clip_quantile must be in (0, 1) and --dp_clip_lr > 0")
+        need(not (self.dp_adaptive_clip and self.effective_dp_mode != "user"), "--dp_adaptive_clip applies to --dp_mode user only")
+        need(not self.use_gradient or self.effective_dp_mode != "example", "--dp_mode example trains with DP-SGD; it cannot be combined with --use_gradient")
+        need(self.engine == "vmap" or self.effective_dp_mode != "example", "--dp_mode example needs --engine vmap (DP-SGD is vectorized)")
+        if self.effective_dp_mode == "user":
+            need(self.by_defense == "mean", "--dp_mode user sums clipped updates; it cannot be combined with a robust --by_defense")
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -121,6 +220,30 @@ class Config:
         if self.server_lr is not None:
             return self.server_lr
         return self.lr if self.use_gradient else 1.0
+
+    @property
+    def num_byzantine(self) -> int:
+        """Byzantine clients in the population (fixed mode) or per cohort (per_round mode)."""
+        if self.by_workers:
+            return self.by_workers
+        base = self.client_num_per_round if self.by_mode == "per_round" else self.client_num_in_total
+        return int(round(self.by_frac * base))
+
+    @property
+    def byzantine_on(self) -> bool:
+        return self.byzantine_aggregate or self.by_attack != "none" or self.by_defense != "mean"
+
+    @property
+    def effective_dp_mode(self) -> str:
+        if self.dp_mode == "none" and self.differential_privacy:
+            return "example"
+        return self.dp_mode
+
+    def attack_kwargs(self) -> dict[str, Any]:
+        return parse_params(self.by_attack_params)
+
+    def defense_kwargs(self) -> dict[str, Any]:
+        return parse_params(self.by_defense_params)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)

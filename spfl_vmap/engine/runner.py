@@ -5,6 +5,8 @@ Run directory layout:
     metrics.jsonl   one JSON object per evaluated round, appended and flushed as it happens
     summary.json    final and best accuracy, timings
     accuracy.png    test accuracy vs round
+    privacy.jsonl   DP runs: epsilon per evaluated round (per client at example/local level)
+    epsilons.json   with --dp_epsilon_json: {client_id: epsilon}, the original toolkit's layout
     checkpoint.pt   with --checkpoint_every K: global model, server state, round
 """
 
@@ -99,6 +101,8 @@ def summarize(sim: Simulator) -> dict[str, Any]:
         "final_test_loss": rows[-1]["test_loss"] if rows else None,
         "wall_s": sim.elapsed,
         "mean_clients_per_s": (sum(r["clients_per_s"] for r in rows) / len(rows)) if rows else None,
+        "stopped": sim.stopped,
+        **{k: rows[-1][k] for k in ("epsilon", "eps_min", "eps_median", "eps_max") if rows and k in rows[-1]},
         **sim.describe(),
     }
 
@@ -119,13 +123,16 @@ def run(
     log = log or (lambda s: None)
     sim = Simulator(cfg, data)
     out = Path(resume_dir) if resume_dir is not None else (Path(cfg.out) if cfg.out else None)
-    metrics = None
+    metrics = privacy_log = None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(out / "metrics.jsonl")
+        privacy_log = MetricsLog(out / "privacy.jsonl") if sim.privacy.mode != "none" else None
         if resume_dir is not None:
             sim.load_checkpoint(out)
             sim.history.rows = metrics.truncate_after(sim.round)
+            if privacy_log is not None:
+                sim.privacy.rows = privacy_log.truncate_after(sim.round)
             log(f"resuming {out} after round {sim.round}")
         else:
             if metrics.path.exists():
@@ -139,8 +146,13 @@ def run(
         bar = tqdm(total=cfg.comm_round, initial=sim.round, desc="rounds", unit="rd", file=sys.stderr, leave=False)
     for _ in rng:
         m = sim.step()
+        if sim.stopped is not None:
+            log(f"stopped before round {m['round']}: {sim.stopped}")
+            break
         if "test_acc" in m and metrics is not None:
             metrics.append(m)
+            if privacy_log is not None:
+                privacy_log.append(sim.privacy.rows[-1])
         if out is not None and cfg.checkpoint_every and (sim.round % cfg.checkpoint_every == 0 or sim.done):
             sim.save_checkpoint(out)
         if bar is not None:
@@ -151,9 +163,20 @@ def run(
             on_round(m)
     if bar is not None:
         bar.close()
+    if sim.stopped is not None and sim.round and (not sim.history.rows or sim.history.rows[-1]["round"] != sim.round):
+        acc, loss = sim.evaluate()  # the model as it stands when the budget ran out
+        row = {"round": sim.round, "test_acc": acc, "test_loss": loss, "train_loss": float("nan"), "wall_s": sim.elapsed,
+               "clients_per_s": 0.0, **sim.privacy.report(sim.round)}
+        sim.history.rows.append(row)
+        if metrics is not None:
+            metrics.append(row)
+            if privacy_log is not None:
+                privacy_log.append(sim.privacy.rows[-1])
     sim.history.summary = summarize(sim)
     if out is not None:
         write_json_atomic(out / "summary.json", sim.history.summary)
+        if cfg.dp_epsilon_json and sim.privacy.rows and "epsilons" in sim.privacy.rows[-1]:
+            write_json_atomic(out / "epsilons.json", sim.privacy.rows[-1]["epsilons"])
         if sim.history.rows:
             plot_accuracy(sim.history.rows, out / "accuracy.png", f"{cfg.dataset} {cfg.model} {cfg.partition_method}")
     return sim.history

@@ -39,7 +39,7 @@ def make_schedule(
     """Build the ``(N, epochs * S, B)`` schedule for the sampled clients."""
     n_clients = len(client_ids)
     B = batch_size
-    S = max(1, max(-(-c // B) for c in counts))
+    S = max(1, max((-(-c // B) for c in counts), default=1))
     slots = S * B
     pos = torch.zeros(n_clients, epochs, slots, dtype=torch.long)
     for i, (cid, n_k) in enumerate(zip(client_ids, counts)):

@@ -32,7 +32,8 @@ from torch.func import functional_call
 from ..config import Config
 from ..data import Dataset, load_dataset, pack_clients, partition, partition_stats
 from ..errors import ConfigError, SpflError
-from ..rng import generator
+from ..rng import derive_seed, generator
+from .modules import ByzantineStage, PrivacyStage
 from .local import VmapTrainer
 from .loop import LoopTrainer
 from .optim import ServerOptimizer
@@ -93,8 +94,18 @@ class Simulator:
         self.spec = ParamSpec.of(self.model)
         self.w = self.spec.flatten({k: p.detach() for k, p in self.model.named_parameters()}).clone()  # (D,)
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.effective_server_lr, cfg.server_momentum)
-        trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
-        self.trainer = trainer_cls(self.model, self.spec, self.packed, cfg, self.device)
+        self.byz = ByzantineStage(cfg, ds.num_classes)
+        self.privacy = PrivacyStage(cfg, self.counts, len(ds.y_train))
+        if self.privacy.mode == "example":
+            from ..privacy.dpsgd import DPSGDTrainer
+
+            self.trainer = DPSGDTrainer(self.model, self.spec, self.packed, self.privacy.trainer_config(cfg), self.device)
+        else:
+            trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
+            self.trainer = trainer_cls(self.model, self.spec, self.packed, cfg, self.device)
+        self.trainer.label_poison = self.byz.label_poison
+        self.agg_state: dict[str, Any] = {}
+        self.stopped: str | None = None  # why the run ended early (privacy budget)
         self.round = 0  # rounds completed
         self.history = History()
         self.elapsed = 0.0  # wall seconds spent in rounds and evaluation
@@ -102,7 +113,7 @@ class Simulator:
     # ---- properties -----------------------------------------------------------------------
     @property
     def done(self) -> bool:
-        return self.round >= self.cfg.comm_round
+        return self.round >= self.cfg.comm_round or self.stopped is not None
 
     @property
     def global_params(self) -> Params:
@@ -123,12 +134,17 @@ class Simulator:
             "train_samples": int(len(self.dataset.y_train)),
             "test_samples": int(len(self.dataset.y_test)),
             "partition": self.partition_stats,
+            **self.byz.describe(),
+            **self.privacy.describe(),
         }
 
     # ---- one round ------------------------------------------------------------------------
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids of round ``round_idx`` (1-based), sorted; seeded by (seed, round)."""
         K, n = self.cfg.client_num_in_total, self.cfg.client_num_per_round
+        if self.privacy.poisson_clients:  # DP-FedAvg: each client joins independently w.p. q
+            keep = torch.rand(K, generator=generator(self.cfg.seed, "sample", round_idx)) < n / K
+            return torch.nonzero(keep).flatten().tolist()
         if n == K:
             return list(range(K))
         perm = torch.randperm(K, generator=generator(self.cfg.seed, "sample", round_idx))
@@ -145,29 +161,47 @@ class Simulator:
         ids = self.sample_clients(r)
         counts = [self.counts[i] for i in ids]
         sched = make_schedule(ids, counts, cfg.batch_size, 1 if cfg.use_gradient else cfg.epochs, cfg.seed, r, shuffle=not cfg.use_gradient)
-        # 3.-5. broadcast, local training, updates U (N, D)
-        local = self.trainer.train(self.global_params, ids, sched)
+        malicious = self.byz.malicious_mask(ids, r)  # (N,) bool
+        if not self.privacy.may_train(ids, counts):
+            self.stopped = self.privacy.stop_reason
+            return {"round": r, "stopped": self.stopped}
+        # 3.-5. broadcast, local training (data poisoning inside), updates U (N, D)
+        local = self.trainer.train(self.global_params, ids, sched, poisoned=malicious if self.byz.poisons_data else None)
         U = local.U
         weights = torch.tensor(counts, dtype=U.dtype, device=U.device)  # (N,)
-        # 8. aggregation: sample-weighted FedAvg
-        agg = (weights / weights.sum()) @ U  # (D,)
+        metrics: dict[str, Any] = {"round": r, "clients": len(ids)}
+        # 6. attacks rewrite the malicious rows
+        U, m = self.byz.attack(U, malicious, weights, r)
+        metrics.update(m)
+        # 7. client-side defenses (local DP: each client clips and noises its own update)
+        U, m = self.privacy.client_side(U, ids, r)
+        metrics.update(m)
+        # 8. aggregation to (D,): DP-FedAvg's clipped noisy sum, or the registered aggregator
+        if self.privacy.mode == "user":
+            agg, m = self.privacy.dp_fedavg(U, r)
+        else:
+            agg, m = self.byz.aggregate(U, weights, malicious, self.agg_state, r)
+        metrics.update(m)
         # 9. server step: the pseudo-gradient is -update (weights mode) or the gradient itself
-        pseudo_grad = agg if cfg.use_gradient else -agg
-        self.w = self.server_opt.step(self.w, pseudo_grad)
+        if not m.get("round_rejected", False):
+            pseudo_grad = agg if cfg.use_gradient else -agg
+            self.w = self.server_opt.step(self.w, pseudo_grad)
+        # 10. account privacy for what this round released
+        self.privacy.account(ids, counts, r)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_s = time.perf_counter() - t0
         self.round = r
-        metrics: dict[str, Any] = {
-            "round": r,
-            "train_loss": float(local.train_loss.mean()),
-            "round_s": train_s,
-            "clients_per_s": len(ids) / max(train_s, 1e-9),
-        }
+        metrics.update(
+            train_loss=float(local.train_loss.mean()) if len(ids) else float("nan"),
+            round_s=train_s,
+            clients_per_s=len(ids) / max(train_s, 1e-9),
+        )
         # 10. evaluate and log
         if r % cfg.frequency_of_the_test == 0 or r == cfg.comm_round:
             acc, loss = self.evaluate()
             metrics.update(test_acc=acc, test_loss=loss)
+            metrics.update(self.privacy.report(r))
         self.elapsed += time.perf_counter() - t0
         metrics["wall_s"] = self.elapsed
         if "test_acc" in metrics:
@@ -195,6 +229,8 @@ class Simulator:
             "w": self.w.detach().cpu().clone(),
             "server_opt": {k: v.cpu() for k, v in self.server_opt.state_dict().items()},
             "elapsed": self.elapsed,
+            "agg_state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.agg_state.items()},
+            "privacy": self.privacy.state_dict(),
             "config": self.cfg.to_dict(),
             "rng": "all randomness is derived from (seed, round, client); no generator state to save",
         }
@@ -206,6 +242,8 @@ class Simulator:
         self.w = sd["w"].to(self.device).clone()
         self.server_opt.load_state_dict({k: v.to(self.device) for k, v in sd["server_opt"].items()})
         self.elapsed = float(sd.get("elapsed", 0.0))
+        self.agg_state = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in sd.get("agg_state", {}).items()}
+        self.privacy.load_state_dict(sd.get("privacy", {}))
 
     def save_checkpoint(self, run_dir: str | Path) -> Path:
         """Write the checkpoint atomically (temp file + rename)."""
