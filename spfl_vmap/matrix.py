@@ -1,0 +1,117 @@
+"""``spfl matrix``: every attack x defense pair on one configuration.
+
+The dataset is loaded once and shared by all runs (partition and packing are cheap and
+depend only on the seed); each pair is a full run with its own aggregator and attack.
+Outputs in ``--out``: ``matrix.csv`` (one row per pair), ``matrix.md`` (final test accuracy
+table), ``matrix.png`` (heatmap), and each pair's run directory under ``runs/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from .cli import OneLineParser, add_config_flags, config_from_args, print_table, register_command
+from .data import load_dataset
+from .errors import ConfigError, SpflError
+
+
+def run_matrix(base, attacks: list[str], defenses: list[str], out: Path, log=print) -> list[dict[str, Any]]:
+    from .engine.runner import run
+
+    data = load_dataset(base.dataset, base.data_dir, base.download,
+                        synthetic_train=base.synthetic_train, synthetic_test=base.synthetic_test)
+    rows: list[dict[str, Any]] = []
+    for a in attacks:
+        for d in defenses:
+            t0 = time.perf_counter()
+            row: dict[str, Any] = {"attack": a, "defense": d}
+            try:
+                cfg = base.replace(by_attack=a, by_defense=d, out=str(out / "runs" / f"{a}__{d}"), progress=False)
+                hist = run(cfg, data)
+                sel = [r["malicious_selected"] for r in hist.rows if "malicious_selected" in r]
+                row.update(final_test_acc=hist.final["test_acc"], best_test_acc=max(hist.column("test_acc")),
+                           final_test_loss=hist.final["test_loss"],
+                           mean_malicious_selected=(sum(sel) / len(sel)) if sel else "", error="")
+            except SpflError as e:
+                row.update(final_test_acc="", best_test_acc="", final_test_loss="", mean_malicious_selected="", error=str(e))
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            rows.append(row)
+            acc = f"{row['final_test_acc']:.4f}" if row["final_test_acc"] != "" else f"n/a ({row['error'][:60]})"
+            log(f"{a:>12} x {d:<18} test_acc {acc}  ({row['seconds']} s)")
+    return rows
+
+
+def write_outputs(rows: list[dict[str, Any]], attacks: list[str], defenses: list[str], out: Path, title: str) -> None:
+    with open(out / "matrix.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cell = {(r["attack"], r["defense"]): r for r in rows}
+
+    def fmt(r: dict[str, Any]) -> str:
+        return f"{r['final_test_acc']:.3f}" if r["final_test_acc"] != "" else "n/a"
+
+    lines = [f"Final test accuracy: {title}", "", "| attack \\ defense | " + " | ".join(defenses) + " |",
+             "|---|" + "---|" * len(defenses)]
+    lines += [f"| {a} | " + " | ".join(fmt(cell[(a, d)]) for d in defenses) + " |" for a in attacks]
+    errs = [r for r in rows if r["error"]]
+    if errs:
+        lines += ["", "n/a: " + "; ".join(f"{r['attack']} x {r['defense']}: {r['error']}" for r in errs)]
+    (out / "matrix.md").write_text("\n".join(lines) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    M = np.array([[cell[(a, d)]["final_test_acc"] if cell[(a, d)]["final_test_acc"] != "" else np.nan for d in defenses] for a in attacks])
+    fig, ax = plt.subplots(figsize=(1.1 * len(defenses) + 2.5, 0.55 * len(attacks) + 1.8))
+    im = ax.imshow(M, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(defenses)), defenses, rotation=35, ha="right")
+    ax.set_yticks(range(len(attacks)), attacks)
+    for i in range(len(attacks)):
+        for j in range(len(defenses)):
+            ax.text(j, i, "n/a" if np.isnan(M[i, j]) else f"{M[i, j]:.2f}", ha="center", va="center",
+                    color="white" if np.isnan(M[i, j]) or M[i, j] < 0.6 else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="final test accuracy")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "matrix.png", dpi=110)
+    plt.close(fig)
+
+
+@register_command("matrix", "attack x defense matrix of final accuracy (CSV, Markdown, heatmap)")
+def cmd_matrix(argv: Sequence[str]) -> int:
+    p = OneLineParser(prog="spfl matrix", description="Run every attack x defense pair.")
+    p.add_argument("--attacks", required=True, help="comma-separated attack names (include none for the baseline)")
+    p.add_argument("--defenses", required=True, help="comma-separated aggregator names")
+    p.add_argument("--config", help="YAML/JSON file of run flags")
+    add_config_flags(p)
+    ns = p.parse_args(argv)
+    from .aggregators import AGGREGATORS
+    from .attacks import ATTACKS
+
+    attacks = [a.strip() for a in ns.attacks.split(",") if a.strip()]
+    defenses = [d.strip() for d in ns.defenses.split(",") if d.strip()]
+    for a in attacks:
+        ATTACKS.get(a)
+    for d in defenses:
+        AGGREGATORS.get(d)
+    if not attacks or not defenses:
+        raise ConfigError("--attacks and --defenses need at least one name each")
+    base = config_from_args(ns)
+    if base.num_byzantine == 0 and any(a != "none" for a in attacks):
+        raise ConfigError("attacks need Byzantine clients: add --by_frac F or --by_workers K")
+    out = Path(base.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-matrix")
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{base.dataset} {base.model}, {base.client_num_per_round}/{base.client_num_in_total} clients, "
+             f"{base.comm_round} rounds, {base.num_byzantine} Byzantine, {base.partition_method}")
+    rows = run_matrix(base, attacks, defenses, out)
+    write_outputs(rows, attacks, defenses, out, title)
+    print((out / "matrix.md").read_text())
+    print_table([("csv", str(out / "matrix.csv")), ("heatmap", str(out / "matrix.png"))])
+    return 0
