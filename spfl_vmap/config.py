@@ -121,7 +121,7 @@ class Config:
     # differential privacy (original toolkit flag names where they exist)
     differential_privacy: bool = field(default=False, metadata={"help": "original toolkit switch; same as --dp_mode example"})
     dp_mode: str = field(default="none", metadata={"help": "none | example (DP-SGD per client) | user (DP-FedAvg) | local (each client noises its update)"})
-    dp_sigma: float = field(default=1.0, metadata={"help": "noise multiplier sigma"})
+    dp_sigma: Optional[float] = field(default=None, metadata={"help": "noise multiplier sigma (default 1.0, or calibrated to --target_epsilon; given together with --target_epsilon, the run stops at the budget)"})
     dp_delta: Optional[float] = field(default=None, metadata={"help": "delta (default 1/n: dataset size for example level, population for user level)"})
     grad_norm: float = field(default=1.0, metadata={"help": "clip norm: per-sample gradient (example) or whole update (user, local)"})
     target_epsilon: Optional[float] = field(default=None, metadata={"help": "calibrate --dp_sigma so that the whole run spends this epsilon"})
@@ -201,7 +201,8 @@ class Config:
         need(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
         if self.effective_dp_mode == "none":
             return
-        need(math.isfinite(self.dp_sigma) and self.dp_sigma >= 0, f"--dp_sigma must be >= 0, got {self.dp_sigma}")
+        if self.dp_sigma is not None:
+            need(math.isfinite(self.dp_sigma) and self.dp_sigma > 0, f"--dp_sigma must be > 0 (sigma 0 gives epsilon = inf), got {self.dp_sigma}")
         need(self.grad_norm > 0, f"--grad_norm must be > 0, got {self.grad_norm}")
         if self.dp_delta is not None:
             need(0 < self.dp_delta < 1, f"--dp_delta must be in (0, 1), got {self.dp_delta}")

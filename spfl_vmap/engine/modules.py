@@ -17,7 +17,6 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config
-from ..errors import ConfigError
 from ..rng import derive_seed, generator
 
 MAX_LISTED = 100  # index lists longer than this are logged as counts only
@@ -129,10 +128,10 @@ class PrivacyStage:
     * ``local``: each client clips its update to S and adds ``N(0, sigma^2 S^2)`` itself; one
       accountant per client (a Gaussian mechanism per participation, no amplification).
 
-    ``--target_epsilon`` calibrates sigma before training for the worst case: at example level,
-    the smallest client (largest ``q_k``) participating in every round; at local level, a
-    client participating in every round. The run stops before a round that would take any
-    accountant past ``--target_epsilon``.
+    ``--target_epsilon`` without ``--dp_sigma`` calibrates sigma before training for the worst
+    case: at example level, the smallest client (largest ``q_k``) participating in every round;
+    at local level, a client participating in every round. With both given, sigma is used as is
+    and the run stops before a round that would take any accountant past ``--target_epsilon``.
     """
 
     def __init__(self, cfg: Config, counts: list[int], n_train: int) -> None:
@@ -140,7 +139,7 @@ class PrivacyStage:
         self.mode = cfg.effective_dp_mode
         self.counts = counts
         self.stop_reason: str | None = None
-        self.sigma = cfg.dp_sigma
+        self.sigma = cfg.dp_sigma if cfg.dp_sigma is not None else 1.0
         self.clip = cfg.grad_norm
         self.rows: list[dict[str, Any]] = []
         if self.mode == "none":
@@ -156,11 +155,9 @@ class PrivacyStage:
             self.accountant: Any = PrivacyAccountant(cfg.accountant)
         else:
             self.accountant = ClientAccountants(cfg.accountant)
-        if cfg.target_epsilon is not None:
+        if cfg.target_epsilon is not None and cfg.dp_sigma is None:
             q, steps = self.worst_case()
             self.sigma = calibrate_noise_multiplier(cfg.target_epsilon, q, steps, self.delta, accountant=cfg.accountant)
-        if self.sigma == 0:
-            raise ConfigError("--dp_sigma 0 gives no privacy (epsilon = inf); use a positive sigma or --target_epsilon")
 
     # ---- setup ------------------------------------------------------------------------------
     def worst_case(self) -> tuple[float, int]:
