@@ -166,6 +166,8 @@ class VmapTrainer:
 
     def _train_chunk(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(ids)
+        if self.strategy == "loop" and n == 1 and self._float_hypers():
+            return self._train_one(global_params, ids, sched)
         rows = self.packed.index[ids]  # (n, n_max)
         params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
         state = self.opt.init(params)
@@ -184,6 +186,59 @@ class VmapTrainer:
         steps = active.sum(dim=1).clamp(min=1)
         U = self.spec.flatten(params, stacked=True) - self.spec.flatten(global_params)[None]
         return U, loss_sum / steps
+
+    def _float_hypers(self) -> bool:
+        """The per-client fast path drives ``torch.optim``, which needs float hyperparameters."""
+        return all(not isinstance(h, torch.Tensor) for h in (self.cfg.lr, self.cfg.momentum, self.cfg.wd))
+
+    def _train_one(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """One client, plain autograd on leaf tensors and a foreach ``torch.optim`` optimizer.
+
+        This is the ``loop`` strategy's fast path. It skips ``torch.func`` transforms, the
+        stacked optimizer's ``torch.where`` masks (inactive steps are skipped on the host) and
+        per-step dict rebuilding; on the CPU, conv models run in ``channels_last`` layout,
+        which mkldnn convolves about 1.2x faster at local batch sizes. The optimizer performs
+        ``torch.optim``'s own ops, so the result equals the reference loop to rounding.
+        """
+        cl = self._channels_last()
+        fmt = torch.channels_last if cl else torch.contiguous_format
+        leaves = {}
+        for k, v in global_params.items():
+            t = v.detach().clone(memory_format=fmt if v.dim() == 4 else torch.contiguous_format)
+            leaves[k] = t.requires_grad_(True)
+        ps = list(leaves.values())
+        c = self.cfg
+        if c.client_optimizer == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(ps, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, foreach=True)
+        else:
+            opt = torch.optim.Adam(ps, lr=c.lr, weight_decay=c.wd, foreach=True)
+        row = self.packed.index[ids[0]]  # (n_max,)
+        poison = self._poison is not None and self.label_poison is not None and bool(self._poison[0])
+        loss_sum = torch.zeros((), device=self.device)
+        steps = 0
+        for t in range(sched.num_steps):
+            m = sched.mask[0, t]  # (B,) on the host
+            if not bool(m.any()):
+                continue
+            gidx = row[sched.pos[0, t][m].to(self.device)]  # the real samples only: loss = their mean
+            x, y = self.packed.x[gidx], self.packed.y[gidx]  # (b, C, H, W), (b,)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if poison:
+                y = self.label_poison(y)
+            loss = F.cross_entropy(functional_call(self.model, leaves, (x,)), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach()
+            steps += 1
+        with torch.no_grad():
+            new = {k: v.detach() for k, v in leaves.items()}
+            U = self.spec.flatten(new)[None] - self.spec.flatten(global_params)[None]  # (1, D)
+        return U, (loss_sum / max(steps, 1)).reshape(1)
+
+    def _channels_last(self) -> bool:
+        return self.device.type == "cpu" and has_conv(self.model) and os.environ.get("SPFL_CHANNELS_LAST", "1") != "0"
 
     def _gradient_chunk(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
         """FedSGD (McMahan et al. 2017): each client's gradient over all its samples at the global model."""
