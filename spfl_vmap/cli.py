@@ -146,7 +146,7 @@ def _load_optional_commands() -> None:
     """Commands that live with their modules register themselves on import."""
     import importlib
 
-    for mod in ("spfl_vmap.bench_cli", "spfl_vmap.matrix"):
+    for mod in ("spfl_vmap.bench_cli", "spfl_vmap.matrix", "spfl_vmap.privacy.curve"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

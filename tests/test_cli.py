@@ -69,3 +69,29 @@ def test_resume_without_checkpoint_is_clear(tmp_path, capsys):
     capsys.readouterr()
     assert main(["run", "--resume", str(out)]) == 2
     assert "checkpoint" in capsys.readouterr().err
+
+
+def test_matrix_command_writes_table_and_heatmap(tmp_path, capsys):
+    out = tmp_path / "m"
+    rc = main(["matrix", "--attacks", "none,gaussian", "--defenses", "mean,median,bulyan", "--dataset", "digits",
+               "--client_num_in_total", "10", "--client_num_per_round", "6", "--comm_round", "2", "--by_workers", "2",
+               "--partition_method", "homo", "--out", str(out)])
+    assert rc == 0
+    md = (out / "matrix.md").read_text()
+    assert "| gaussian |" in md and "n/a" in md and "4f+3" in md  # bulyan refuses n=6, f=1 < 4f+3=7
+    assert (out / "matrix.png").is_file() and len((out / "matrix.csv").read_text().splitlines()) == 1 + 6
+
+
+def test_matrix_needs_byzantine_clients(capsys):
+    assert main(["matrix", "--attacks", "gaussian", "--defenses", "mean", "--dataset", "digits"]) == 2
+    assert "--by_frac" in capsys.readouterr().err
+
+
+def test_privacy_curve_command(tmp_path, capsys):
+    out = tmp_path / "p"
+    rc = main(["privacy-curve", "--epsilons", "2", "--dataset", "digits", "--client_num_in_total", "10",
+               "--client_num_per_round", "5", "--comm_round", "2", "--dp_mode", "user", "--partition_method", "homo", "--out", str(out)])
+    assert rc == 0
+    rows = (out / "privacy_curve.csv").read_text().splitlines()
+    assert len(rows) == 3 and (out / "privacy_curve.png").is_file()
+    assert main(["privacy-curve", "--epsilons", "2", "--dataset", "digits"]) == 2  # no --dp_mode
