@@ -38,3 +38,24 @@ __all__ = [
     "epsilon_from_history",
     "would_exceed",
 ]
+
+# Example-level DP-SGD (Abadi et al. 2016), vectorized over clients and samples.
+from .dpsgd import (  # noqa: E402
+    DPSGDTrainer,
+    client_noise,
+    client_poisson_masks,
+    dpsgd_num_steps,
+    dpsgd_reference_client,
+    dpsgd_sample_rate,
+    poisson_batches,
+)
+
+__all__ += [
+    "DPSGDTrainer",
+    "client_noise",
+    "client_poisson_masks",
+    "dpsgd_num_steps",
+    "dpsgd_reference_client",
+    "dpsgd_sample_rate",
+    "poisson_batches",
+]
