@@ -103,6 +103,7 @@ class VmapTrainer:
         self.model, self.spec, self.packed, self.cfg, self.device = model, spec, packed, cfg, device
         self.opt = make_client_optimizer(cfg.client_optimizer, cfg.lr, cfg.momentum, cfg.wd)
         self.strategy = cfg.strategy if cfg.strategy != "auto" else choose_strategy(model, device)
+        self._replicas: list[nn.Module] = []  # per-worker module copies of the threaded loop
         self._vgrad = vmap(grad_and_value(self._loss))
         self._grad1 = grad_and_value(self._loss)
         self._vgrad_sum = vmap(grad_and_value(self._loss_sum), in_dims=(None, 0, 0, 0))
@@ -151,6 +152,8 @@ class VmapTrainer:
         of their true labels (data-poisoning attacks such as label flipping).
         """
         N = len(client_ids)
+        if self._use_workers(N):
+            return self._train_workers(global_params, client_ids, sched, poisoned)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
         for lo in range(0, N, self.chunk):
@@ -167,7 +170,8 @@ class VmapTrainer:
     def _train_chunk(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(ids)
         if self.strategy == "loop" and n == 1 and self._float_hypers():
-            return self._train_one(global_params, ids, sched)
+            poison = self._poison is not None and self.label_poison is not None and bool(self._poison[0])
+            return self._train_one(self.model, global_params, int(ids[0]), sched, poison)
         rows = self.packed.index[ids]  # (n, n_max)
         params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
         state = self.opt.init(params)
@@ -191,7 +195,53 @@ class VmapTrainer:
         """The per-client fast path drives ``torch.optim``, which needs float hyperparameters."""
         return all(not isinstance(h, torch.Tensor) for h in (self.cfg.lr, self.cfg.momentum, self.cfg.wd))
 
-    def _train_one(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    def _use_workers(self, n: int) -> bool:
+        """Threaded per-client training: ``loop`` strategy on a multi-core CPU, float hypers."""
+        return (
+            self.strategy == "loop" and self.device.type == "cpu" and not self.cfg.use_gradient and n > 1
+            and self._float_hypers() and self._workers() > 1
+        )
+
+    def _workers(self) -> int:
+        env = os.environ.get("SPFL_LOOP_WORKERS")
+        return int(env) if env else torch.get_num_threads()
+
+    def _train_workers(self, global_params: Params, client_ids: list[int], sched: Schedule, poisoned: torch.Tensor | None) -> LocalResult:
+        """Clients spread over ``W`` Python threads, each running one client at a time with one
+        intra-op thread (torch releases the GIL inside ops).
+
+        A local batch of 10 keeps mkldnn's intra-op parallelism poorly used, and OpenMP threads
+        that wait on each other collapse when another process takes a core; independent
+        single-threaded clients use the cores without either problem. Each worker has its own
+        copy of the module, because ``functional_call`` swaps a module's parameters in place.
+        """
+        import copy
+        from concurrent.futures import ThreadPoolExecutor
+
+        N = len(client_ids)
+        W = min(self._workers(), N)
+        while len(self._replicas) < W:
+            self._replicas.append(copy.deepcopy(self.model))
+        U = torch.empty(N, self.spec.dim, device=self.device)
+        losses = torch.empty(N, device=self.device)
+        lab = self.label_poison is not None and poisoned is not None
+
+        def work(w: int) -> None:
+            for i in range(w, N, W):
+                U[i : i + 1], losses[i : i + 1] = self._train_one(
+                    self._replicas[w], global_params, client_ids[i], sched.select(slice(i, i + 1)), lab and bool(poisoned[i])
+                )
+
+        prev = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(W) as ex:
+                list(ex.map(work, range(W)))  # list() re-raises a worker's exception
+        finally:
+            torch.set_num_threads(prev)
+        return LocalResult(U, losses, self.strategy, self.chunk)
+
+    def _train_one(self, model: nn.Module, global_params: Params, cid: int, sched: Schedule, poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One client, plain autograd on leaf tensors and a foreach ``torch.optim`` optimizer.
 
         This is the ``loop`` strategy's fast path. It skips ``torch.func`` transforms, the
@@ -212,8 +262,7 @@ class VmapTrainer:
             opt: torch.optim.Optimizer = torch.optim.SGD(ps, lr=c.lr, momentum=c.momentum, weight_decay=c.wd, foreach=True)
         else:
             opt = torch.optim.Adam(ps, lr=c.lr, weight_decay=c.wd, foreach=True)
-        row = self.packed.index[ids[0]]  # (n_max,)
-        poison = self._poison is not None and self.label_poison is not None and bool(self._poison[0])
+        row = self.packed.index[cid]  # (n_max,)
         loss_sum = torch.zeros((), device=self.device)
         steps = 0
         for t in range(sched.num_steps):
@@ -226,7 +275,7 @@ class VmapTrainer:
                 x = x.contiguous(memory_format=torch.channels_last)
             if poison:
                 y = self.label_poison(y)
-            loss = F.cross_entropy(functional_call(self.model, leaves, (x,)), y)
+            loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
