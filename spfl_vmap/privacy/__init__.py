@@ -48,6 +48,8 @@ from .dpsgd import (  # noqa: E402
     dpsgd_reference_client,
     dpsgd_sample_rate,
     poisson_batches,
+    sample_rates,
+    steps_per_client,
 )
 
 __all__ += [
@@ -58,4 +60,6 @@ __all__ += [
     "dpsgd_reference_client",
     "dpsgd_sample_rate",
     "poisson_batches",
+    "sample_rates",
+    "steps_per_client",
 ]

@@ -81,6 +81,16 @@ def dpsgd_num_steps(n_k: int, batch_size: int, epochs: int) -> int:
     return epochs * -(-n_k // batch_size)
 
 
+def sample_rates(counts: Sequence[int], batch_size: int) -> list[float]:
+    """Per-client Poisson rates ``q_k = min(1, B / n_k)`` (what ``ClientAccountants.step`` takes)."""
+    return [dpsgd_sample_rate(int(n), batch_size) for n in counts]
+
+
+def steps_per_client(counts: Sequence[int], batch_size: int, epochs: int) -> list[int]:
+    """DP-SGD steps each client takes in one round: ``epochs * ceil(n_k / B)``."""
+    return [dpsgd_num_steps(int(n), batch_size, epochs) for n in counts]
+
+
 def client_poisson_masks(seed: int, round_idx: int, client_id: int, n_k: int, batch_size: int, epochs: int) -> torch.Tensor:
     """Poisson inclusion masks of one client for one round.
 
@@ -274,7 +284,8 @@ class DPSGDTrainer(VmapTrainer):
             raise ConfigError("DP-SGD trains locally; it cannot be combined with --use_gradient")
         super().__init__(model, spec, packed, cfg, device)
         self.clip = float(getattr(cfg, "grad_norm", 1.0))
-        self.sigma = float(getattr(cfg, "dp_sigma", 1.0))
+        sigma = getattr(cfg, "dp_sigma", None)
+        self.sigma = 1.0 if sigma is None else float(sigma)  # the config's default multiplier
         if not self.clip > 0:
             raise ConfigError(f"--grad_norm must be > 0 for DP-SGD, got {self.clip}")
         if self.sigma < 0 or not math.isfinite(self.sigma):
@@ -297,11 +308,11 @@ class DPSGDTrainer(VmapTrainer):
     # ---- accounting helpers ---------------------------------------------------------------
     def sample_rates(self, counts: Sequence[int]) -> list[float]:
         """``q_k = min(1, B / n_k)`` for clients with ``counts`` samples (for the accountant)."""
-        return [dpsgd_sample_rate(int(n), self.batch_size) for n in counts]
+        return sample_rates(counts, self.batch_size)
 
     def steps_per_client(self, counts: Sequence[int]) -> list[int]:
         """DP-SGD steps each client takes in one round: ``epochs * ceil(n_k / B)``."""
-        return [dpsgd_num_steps(int(n), self.batch_size, self.epochs) for n in counts]
+        return steps_per_client(counts, self.batch_size, self.epochs)
 
     # ---- per-sample gradients ---------------------------------------------------------------
     def _sample_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -322,16 +333,26 @@ class DPSGDTrainer(VmapTrainer):
         return self._ps_grad_clients(params, x, y)
 
     # ---- training ---------------------------------------------------------------------------
-    def train(self, global_params: Params, client_ids: list[int], sched: Optional[Schedule] = None, round_idx: Optional[int] = None) -> LocalResult:
+    def train(
+        self,
+        global_params: Params,
+        client_ids: list[int],
+        sched: Optional[Schedule] = None,
+        poisoned: Optional[torch.Tensor] = None,
+        round_idx: Optional[int] = None,
+    ) -> LocalResult:
         """Run DP-SGD local training for ``client_ids``; returns the ``[N, D]`` update matrix.
 
         Args:
             global_params: ``{k: (*shape)}`` global model.
             client_ids: The ``N`` sampled clients.
             sched: The engine's schedule; used only with ``poisson=False``.
+            poisoned: ``(N,)`` bool, clients that train on ``self.label_poison(y)`` (as in
+                :meth:`VmapTrainer.train`).
             round_idx: Round number seeding the Poisson masks and the noise. The simulator
-                should pass it (resumed runs then stay bit-identical); ``None`` counts the calls
-                to ``train`` from 1.
+                should pass it: a resumed run then stays bit-identical, where the fallback
+                (``None``: count the calls to ``train`` from 1) restarts at round 1 and would
+                reuse that round's noise.
 
         Returns:
             :class:`LocalResult` with ``U (N, D)`` and the mean loss over each client's steps.
@@ -356,7 +377,10 @@ class DPSGDTrainer(VmapTrainer):
         losses = torch.empty(N, device=self.device)
         for lo in range(0, N, self.chunk):
             hi = min(N, lo + self.chunk)
+            # label poisoning goes through VmapTrainer._batch, which reads self._poison
+            self._poison = None if poisoned is None or not bool(poisoned[lo:hi].any()) else poisoned[lo:hi].to(self.device)
             U[lo:hi], losses[lo:hi] = self._dp_chunk(global_params, client_ids[lo:hi], batches.select(slice(lo, hi)), r)
+        self._poison = None
         return LocalResult(U, losses, self.strategy, self.chunk)
 
     def _dp_chunk(self, global_params: Params, client_ids: list[int], b: DPBatches, round_idx: int) -> tuple[torch.Tensor, torch.Tensor]:

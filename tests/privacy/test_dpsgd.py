@@ -35,6 +35,8 @@ from spfl_vmap.privacy.dpsgd import (
     dpsgd_reference_client,
     dpsgd_sample_rate,
     poisson_batches,
+    sample_rates,
+    steps_per_client,
 )
 
 CPU = torch.device("cpu")
@@ -250,8 +252,8 @@ def test_accounting_helpers_match_the_steps_taken():
     net, spec, packed, params = make_setup("lr")
     cfg = make_cfg(batch_size=8, epochs=2)
     trainer = DPSGDTrainer(net, spec, packed, cfg, CPU)
-    assert trainer.steps_per_client(SIZES) == [4, 8, 2, 10]
-    assert trainer.sample_rates(SIZES) == pytest.approx([8 / 13, 8 / 29, 1.0, 8 / 40])
+    assert trainer.steps_per_client(SIZES) == steps_per_client(SIZES, 8, 2) == [4, 8, 2, 10]
+    assert trainer.sample_rates(SIZES) == sample_rates(SIZES, 8) == pytest.approx([8 / 13, 8 / 29, 1.0, 8 / 40])
     b = poisson_batches(list(range(4)), list(SIZES), 8, 2, cfg.seed, 1)
     assert b.active.sum(1).tolist() == trainer.steps_per_client(SIZES)
     acc = ClientAccountants("rdp")
@@ -305,3 +307,30 @@ def test_config_errors():
         DPSGDTrainer(net, spec, packed, make_cfg(grad_norm=math.inf, dp_sigma=1.0), CPU)
     with pytest.raises(ValueError):
         DPSGDTrainer(net, spec, packed, make_cfg(use_gradient=True), CPU)
+
+
+def test_label_poisoning_changes_only_poisoned_rows():
+    net, spec, packed, params = make_setup("lr")
+    cfg = make_cfg(grad_norm=0.5, dp_sigma=0.8)
+    clean = DPSGDTrainer(net, spec, packed, cfg, CPU).train(params, [0, 1, 2, 3], None, round_idx=1).U
+    trainer = DPSGDTrainer(net, spec, packed, cfg, CPU)
+    trainer.label_poison = lambda y: (y + 1) % 10
+    poisoned = torch.tensor([False, True, False, False])
+    dirty = trainer.train(params, [0, 1, 2, 3], None, poisoned=poisoned, round_idx=1).U
+    assert rel_err(dirty[~poisoned], clean[~poisoned]) < 1e-6
+    assert rel_err(dirty[1], clean[1]) > 1e-2
+
+
+def test_simulator_runs_example_level_dp():
+    from spfl_vmap import Config, Simulator
+
+    cfg = Config(
+        dataset="synthetic", synthetic_train=200, synthetic_test=50, model="lr", client_num_in_total=4,
+        client_num_per_round=2, comm_round=2, epochs=1, batch_size=8, frequency_of_the_test=1, progress=False,
+        device="cpu", dp_mode="example", dp_sigma=1.0, grad_norm=1.0,
+    )
+    sim = Simulator(cfg)
+    assert isinstance(sim.trainer, DPSGDTrainer)
+    while not sim.done:
+        metrics = sim.step()
+    assert math.isfinite(metrics["test_loss"])
