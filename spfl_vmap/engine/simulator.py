@@ -166,7 +166,8 @@ class Simulator:
             self.stopped = self.privacy.stop_reason
             return {"round": r, "stopped": self.stopped}
         # 3.-5. broadcast, local training (data poisoning inside), updates U (N, D)
-        local = self.trainer.train(self.global_params, ids, sched, poisoned=malicious if self.byz.poisons_data else None)
+        extra = {"round_idx": r} if self.privacy.mode == "example" else {}  # DP-SGD draws its Poisson batches per round
+        local = self.trainer.train(self.global_params, ids, sched, poisoned=malicious if self.byz.poisons_data else None, **extra)
         U = local.U
         weights = torch.tensor(counts, dtype=U.dtype, device=U.device)  # (N,)
         metrics: dict[str, Any] = {"round": r, "clients": len(ids)}

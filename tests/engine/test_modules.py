@@ -114,3 +114,25 @@ def test_local_dp_accounts_per_client(tmp_path):
     eps = row["epsilons"]
     assert 0 < hist.summary["eps_min"] <= hist.summary["eps_max"]
     assert (tmp_path / "l" / "epsilons.json").is_file() and len(eps) <= 16
+
+
+def test_example_level_dp_resume_is_bit_identical(tmp_path):
+    """DP-SGD's Poisson batches and noise are drawn per (seed, round, client): resume repeats them."""
+    cfg = byz_config(dp_mode="example", dp_sigma=1.0, grad_norm=1.0, comm_round=3, client_num_per_round=4,
+                     checkpoint_every=1)
+    full = run(cfg.replace(out=str(tmp_path / "full")))
+
+    class Killed(Exception):
+        pass
+
+    def kill(m):
+        if m["round"] == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(cfg.replace(out=str(tmp_path / "cut")), on_round=kill)
+    resumed = run(cfg.replace(out=str(tmp_path / "cut")), resume_dir=tmp_path / "cut")
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    assert torch.equal(a["w"], b["w"])
+    assert resumed.summary["eps_max"] == full.summary["eps_max"] > 0
