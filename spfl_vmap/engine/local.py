@@ -83,8 +83,15 @@ def activation_numel(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return total
 
 
+# On the CPU a chunk's gathered batches and stacked state should stay cache-sized: measured for
+# ``lr`` at 1,000 clients x 5 steps x batch 10 (1 thread), chunk 1000 gave 15.9k client-steps/s,
+# 250 gave 20.0k, 125 gave 20.9k and 64 gave 18.1k.
+CPU_CHUNK_CAP = 128
+
+
 def auto_chunk(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, opt_slots: int, device: torch.device, n: int) -> int:
-    """Largest client chunk whose stacked state fits in a quarter (CPU) / half (CUDA) of free memory.
+    """Largest client chunk whose stacked state fits in a quarter (CPU) / half (CUDA) of free memory
+    (at most ``CPU_CHUNK_CAP`` on the CPU).
 
     Per client: parameters, gradients, a new copy and optimizer state, plus activations kept for
     the backward pass and the gathered batch.
@@ -93,7 +100,8 @@ def auto_chunk(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, 
     act = activation_numel(model, input_shape)
     per_client = 4 * (P * (3 + opt_slots) + batch_size * (3 * act + math.prod(input_shape)))
     budget = available_memory(device) // (2 if device.type == "cuda" else 4)
-    return max(1, min(n, budget // max(per_client, 1)))
+    cap = n if device.type == "cuda" else min(n, CPU_CHUNK_CAP)
+    return max(1, min(cap, budget // max(per_client, 1)))
 
 
 class VmapTrainer:
