@@ -3,9 +3,16 @@
 Strategies:
     ``vmap``  ``torch.func.vmap(grad_and_value(loss))`` over ``functional_call`` for a chunk of
               clients at once (parameters ``[n, *shape]``, batches ``[n, B, ...]``).
-    ``loop``  the same functional step for one client at a time (chunks of 1, no vmap). On the
-              CPU a vmapped convolution lowers to a grouped convolution that is slower than a
-              plain one, so conv models prefer this there (see ``choose_strategy``).
+    ``loop``  one client at a time (chunks of 1, no vmap): plain autograd on leaf tensors and
+              a foreach ``torch.optim`` optimizer, ``channels_last`` for conv models on the CPU,
+              and on a multi-core CPU the clients spread over one Python thread per core, each
+              with one intra-op thread (``SPFL_LOOP_WORKERS`` overrides the count). On the CPU
+              a vmapped convolution lowers to a grouped convolution that is slower than a plain
+              one, so conv models prefer this there (see ``choose_strategy``).
+
+Measured on a 2-core CPU (``spfl bench engine``, medians of alternating calls, quiet machine):
+``lr`` 100 clients x 5 steps: vmap 7.1x the reference loop; 1,000 clients: 8.1x (chunk 128);
+``cnn`` 20 clients x 5 steps: loop 1.24x, vmap 0.52x.
 
 Both produce the same numbers as the per-client reference loop (``engine/loop.py``) up to
 float rounding; the tests hold them to a relative error of 1e-5.
@@ -42,7 +49,12 @@ def has_conv(model: nn.Module) -> bool:
 
 
 def choose_strategy(model: nn.Module, device: torch.device) -> str:
-    """``vmap`` on CUDA and for conv-free models; ``loop`` for conv models on the CPU."""
+    """``vmap`` on CUDA and for conv-free models; ``loop`` for conv models on the CPU.
+
+    The CPU rule is measured (``spfl bench engine --model cnn --clients 20 --strategies
+    auto,vmap``): vmapped convolutions run as grouped mkldnn convolutions plus copies, 0.5x the
+    per-client loop, while the ``loop`` strategy's fast path runs 1.2x.
+    """
     if device.type == "cpu" and has_conv(model):
         return "loop"
     return "vmap"
