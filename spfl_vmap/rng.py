@@ -24,3 +24,16 @@ def generator(*parts: int | str, device: str | torch.device = "cpu") -> torch.Ge
     g = torch.Generator(device=device)
     g.manual_seed(derive_seed(*parts))
     return g
+
+
+def default_generator(generator: torch.Generator | None) -> torch.Generator:
+    """The passed generator, or a fresh one seeded 0 (never the global RNG)."""
+    if generator is not None:
+        return generator
+    return generator_from_seed(0)
+
+
+def generator_from_seed(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rng import default_generator  # noqa: F401  (re-exported for this package)
+
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -74,15 +76,6 @@ def krum_scores(D: torch.Tensor, f: int) -> torch.Tensor:
     Dm = D.float().clone()
     Dm.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # a row is not its own neighbour
     return torch.topk(Dm, k, dim=-1, largest=False).values.sum(dim=-1)  # (..., n)
-
-
-def default_generator(generator: torch.Generator | None) -> torch.Generator:
-    """The passed generator, or a fresh one seeded 0 (never the global RNG)."""
-    if generator is not None:
-        return generator
-    g = torch.Generator()
-    g.manual_seed(0)
-    return g
 
 
 def randperm(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..rng import default_generator  # noqa: F401  (re-exported for this package)
+
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -58,10 +60,3 @@ def with_rows(U: torch.Tensor, mal: torch.Tensor, rows: torch.Tensor) -> torch.T
     return out
 
 
-def default_generator(generator: torch.Generator | None) -> torch.Generator:
-    """The passed generator, or a fresh one seeded 0 (never the global RNG)."""
-    if generator is not None:
-        return generator
-    g = torch.Generator()
-    g.manual_seed(0)
-    return g

@@ -327,9 +327,3 @@ class VmapTrainer:
             loss_sum += l
         counts = self.packed.counts[ids].to(acc.dtype)
         return acc / counts[:, None], loss_sum / counts
-
-
-def set_threads_from_env() -> None:
-    n = os.environ.get("SPFL_THREADS")
-    if n:
-        torch.set_num_threads(int(n))
