@@ -14,8 +14,9 @@ fi
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$want" ]; then
   echo "[setup] installing torch==2.14.1 torchvision==0.29.1 and spfl_vmap[dev] (first run only)"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m pip install -q torch==2.14.1 torchvision==0.29.1
-  "$VENV/bin/python" -m pip install -q -e ".[dev]"
+  # --no-compile: byte-compiling all of torch costs about a minute; imports compile what they use
+  "$VENV/bin/python" -m pip install -q --no-compile torch==2.14.1 torchvision==0.29.1
+  "$VENV/bin/python" -m pip install -q --no-compile -e ".[dev]"
   echo "$want" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
