@@ -53,15 +53,6 @@ def config_from_args(ns: argparse.Namespace, extra_defaults: dict[str, Any] | No
     return Config.from_dict(values)
 
 
-def print_partition(sim_desc: dict[str, Any]) -> None:
-    p = sim_desc["partition"]
-    s, c = p["samples"], p["classes"]
-    print(
-        f"partition: samples/client min {s['min']} median {s['median']:g} max {s['max']}; "
-        f"classes/client min {c['min']} median {c['median']:g} max {c['max']}"
-    )
-
-
 def print_table(rows: list[tuple[str, str]]) -> None:
     w = max(len(k) for k, _ in rows)
     line = "-" * (w + 2 + max(len(v) for _, v in rows))
@@ -91,20 +82,15 @@ def cmd_run(argv: Sequence[str]) -> int:
         out = cfg.out
 
     def on_start_log(msg: str) -> None:
-        print(msg)
-
-    from .engine.simulator import Simulator  # noqa: F401  (import cost paid before the clock)
+        print(msg, flush=True)
 
     print(f"spfl run: {cfg.dataset} / {cfg.model} / {cfg.partition_method} / {cfg.client_num_per_round} of {cfg.client_num_in_total} clients x {cfg.comm_round} rounds -> {out}")
-    first = {"printed": False}
-
     def on_round(m: dict[str, Any]) -> None:
         if "test_acc" in m and not sys.stderr.isatty():
             print(f"round {m['round']:>4}  test_acc {m['test_acc']:.4f}  test_loss {m['test_loss']:.4f}  train_loss {m['train_loss']:.4f}  wall {m['wall_s']:.1f}s", flush=True)
 
     hist = run(cfg, resume_dir=ns.resume, on_round=on_round, log=on_start_log)
     s = hist.summary
-    print_partition(s)
     print_table([
         ("dataset / model", f"{cfg.dataset} / {cfg.model} ({s['num_params']:,} params)"),
         ("engine / strategy", f"{s['engine']} / {s['strategy']} (chunk {s['client_chunk']}) on {s['device']}"),

@@ -91,6 +91,12 @@ def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def format_partition(stats: dict[str, dict[str, float]]) -> str:
+    s, c = stats["samples"], stats["classes"]
+    return (f"partition: samples/client min {s['min']} median {s['median']:g} max {s['max']}; "
+            f"classes/client min {c['min']} median {c['median']:g} max {c['max']}")
+
+
 def summarize(sim: Simulator) -> dict[str, Any]:
     rows = sim.history.rows
     accs = [r["test_acc"] for r in rows]
@@ -122,6 +128,7 @@ def run(
     """
     log = log or (lambda s: None)
     sim = Simulator(cfg, data)
+    log(format_partition(sim.partition_stats))
     out = Path(resume_dir) if resume_dir is not None else (Path(cfg.out) if cfg.out else None)
     metrics = privacy_log = None
     if out is not None:
