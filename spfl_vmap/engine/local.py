@@ -205,7 +205,8 @@ class VmapTrainer:
                 continue
             x, y = self._batch(rows, pos[:, t])  # (n, B, ...), (n, B)
             grads, loss = gfn(params, x, y, mask[:, t].to(x.dtype))
-            params, state = self.opt.step(params, grads, state, active[:, t])
+            all_active = bool(active_cpu[:, t].all())  # host-side: skip the padding masks
+            params, state = self.opt.step(params, grads, state, None if all_active else active[:, t])
             loss_sum += loss * active[:, t]
         steps = active.sum(dim=1).clamp(min=1)
         U = self.spec.flatten(params, stacked=True) - self.spec.flatten(global_params)[None]

@@ -39,6 +39,12 @@ def _axpy(y: torch.Tensor, x: torch.Tensor, a: Hyper) -> torch.Tensor:
     return torch.add(y, x, alpha=a)
 
 
+def _keep(active: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` where the client's step is active, ``old`` where it is padding; ``active=None``
+    means every client is active (the host knows this, so the select is skipped)."""
+    return new if active is None else torch.where(_bcast(active, new), new, old)
+
+
 def _nonzero(h: Hyper) -> bool:
     return bool((h != 0).any()) if isinstance(h, torch.Tensor) else h != 0
 
@@ -56,17 +62,16 @@ class StackedSGD:
             return {}
         return {f"buf.{k}": torch.zeros_like(v) for k, v in params.items()}
 
-    def step(self, params: Params, grads: Params, state: State, active: torch.Tensor) -> tuple[Params, State]:
+    def step(self, params: Params, grads: Params, state: State, active: torch.Tensor | None) -> tuple[Params, State]:
         new_p, new_s = {}, {}
         for k, p in params.items():
-            act = _bcast(active, p)
             d = _axpy(grads[k], p, self.wd) if _nonzero(self.wd) else grads[k]
             if state:
                 # torch starts buf as a copy of d; m * 0 + d == d exactly, so zeros work too
                 buf = state[f"buf.{k}"] * _bcast(self.momentum, p) + d
-                new_s[f"buf.{k}"] = torch.where(act, buf, state[f"buf.{k}"])
+                new_s[f"buf.{k}"] = _keep(active, buf, state[f"buf.{k}"])
                 d = buf
-            new_p[k] = torch.where(act, _axpy(p, d, -self.lr), p)
+            new_p[k] = _keep(active, _axpy(p, d, -self.lr), p)
         return new_p, new_s
 
 
@@ -92,8 +97,8 @@ class StackedAdam:
             st[f"v.{k}"] = torch.zeros_like(v)
         return st
 
-    def step(self, params: Params, grads: Params, state: State, active: torch.Tensor) -> tuple[Params, State]:
-        step = state["step"] + active.to(torch.float64)  # (N,)
+    def step(self, params: Params, grads: Params, state: State, active: torch.Tensor | None) -> tuple[Params, State]:
+        step = state["step"] + (1.0 if active is None else active.to(torch.float64))  # (N,)
         safe = step.clamp(min=1)
         lr = self.lr.double() if isinstance(self.lr, torch.Tensor) else self.lr
         neg_step_size = (-(lr / (1 - self.beta1**safe))).float()  # (N,)
@@ -101,15 +106,14 @@ class StackedAdam:
         new_p: Params = {}
         new_s: State = {"step": step}
         for k, p in params.items():
-            act = _bcast(active, p)
             g = _axpy(grads[k], p, self.wd) if _nonzero(self.wd) else grads[k]
             m = torch.lerp(state[f"m.{k}"], g, 1 - self.beta1)
             v = torch.addcmul(state[f"v.{k}"] * self.beta2, g, g, value=1 - self.beta2)
             denom = torch.sqrt(v) / _bcast(bc2_sqrt, p) + self.eps
             upd = p + _bcast(neg_step_size, p) * (m / denom)  # addcdiv's order
-            new_p[k] = torch.where(act, upd, p)
-            new_s[f"m.{k}"] = torch.where(act, m, state[f"m.{k}"])
-            new_s[f"v.{k}"] = torch.where(act, v, state[f"v.{k}"])
+            new_p[k] = _keep(active, upd, p)
+            new_s[f"m.{k}"] = _keep(active, m, state[f"m.{k}"])
+            new_s[f"v.{k}"] = _keep(active, v, state[f"v.{k}"])
         return new_p, new_s
 
 
