@@ -9,16 +9,37 @@ table), ``matrix.png`` (heatmap), and each pair's run directory under ``runs/``.
 from __future__ import annotations
 
 import csv
+import inspect
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from .cli import OneLineParser, add_config_flags, config_from_args, print_table, register_command
 from .data import load_dataset
+from .config import parse_params
 from .errors import ConfigError, SpflError
 
 
-def run_matrix(base, attacks: list[str], defenses: list[str], out: Path, log=print) -> list[dict[str, Any]]:
+def params_for(registry, name: str, params: dict[str, Any]) -> str:
+    """The subset of ``params`` that ``name`` accepts, as a ``k=v`` string."""
+    from .config import ENGINE_KWARGS
+
+    accepted = set(inspect.signature(registry.get(name)).parameters) - ENGINE_KWARGS
+    return ",".join(f"{k}={v}" for k, v in params.items() if k in accepted)
+
+
+def split_params(registry, names: list[str], text: str, flag: str) -> dict[str, str]:
+    """Per-name parameter strings; a key that no listed function accepts is an error."""
+    params = parse_params(text)
+    per = {n: params_for(registry, n, params) for n in names}
+    for k in params:
+        if not any(k in dict(kv.split("=", 1) for kv in per[n].split(",") if kv) for n in names):
+            raise ConfigError(f"{flag}: none of {', '.join(names)} takes a hyperparameter {k!r}")
+    return per
+
+
+def run_matrix(base, attacks: list[str], defenses: list[str], out: Path, log=print,
+               attack_params: dict[str, str] | None = None, defense_params: dict[str, str] | None = None) -> list[dict[str, Any]]:
     from .engine.runner import run
 
     data = load_dataset(base.dataset, base.data_dir, base.download,
@@ -29,7 +50,8 @@ def run_matrix(base, attacks: list[str], defenses: list[str], out: Path, log=pri
             t0 = time.perf_counter()
             row: dict[str, Any] = {"attack": a, "defense": d}
             try:
-                cfg = base.replace(by_attack=a, by_defense=d, out=str(out / "runs" / f"{a}__{d}"), progress=False)
+                cfg = base.replace(by_attack=a, by_defense=d, by_attack_params=(attack_params or {}).get(a, ""),
+                                   by_defense_params=(defense_params or {}).get(d, ""), out=str(out / "runs" / f"{a}__{d}"), progress=False)
                 hist = run(cfg, data)
                 sel = [r["malicious_selected"] for r in hist.rows if "malicious_selected" in r]
                 row.update(final_test_acc=hist.final["test_acc"], best_test_acc=max(hist.column("test_acc")),
@@ -103,6 +125,9 @@ def cmd_matrix(argv: Sequence[str]) -> int:
         AGGREGATORS.get(d)
     if not attacks or not defenses:
         raise ConfigError("--attacks and --defenses need at least one name each")
+    attack_params = split_params(ATTACKS, attacks, getattr(ns, "by_attack_params", ""), "--by_attack_params")
+    defense_params = split_params(AGGREGATORS, defenses, getattr(ns, "by_defense_params", ""), "--by_defense_params")
+    ns.by_attack_params = ns.by_defense_params = ""  # applied per pair below
     base = config_from_args(ns)
     if base.num_byzantine == 0 and any(a != "none" for a in attacks):
         raise ConfigError("attacks need Byzantine clients: add --by_frac F or --by_workers K")
@@ -110,7 +135,7 @@ def cmd_matrix(argv: Sequence[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     title = (f"{base.dataset} {base.model}, {base.client_num_per_round}/{base.client_num_in_total} clients, "
              f"{base.comm_round} rounds, {base.num_byzantine} Byzantine, {base.partition_method}")
-    rows = run_matrix(base, attacks, defenses, out)
+    rows = run_matrix(base, attacks, defenses, out, attack_params=attack_params, defense_params=defense_params)
     write_outputs(rows, attacks, defenses, out, title)
     print((out / "matrix.md").read_text())
     print_table([("csv", str(out / "matrix.csv")), ("heatmap", str(out / "matrix.png"))])

@@ -95,3 +95,21 @@ def test_privacy_curve_command(tmp_path, capsys):
     rows = (out / "privacy_curve.csv").read_text().splitlines()
     assert len(rows) == 3 and (out / "privacy_curve.png").is_file()
     assert main(["privacy-curve", "--epsilons", "2", "--dataset", "digits"]) == 2  # no --dp_mode
+
+
+def test_matrix_applies_params_only_where_accepted(tmp_path, capsys):
+    """perturbation= belongs to min_max; gaussian in the same matrix must not see it."""
+    out = tmp_path / "m"
+    rc = main(["matrix", "--attacks", "gaussian,min_max", "--defenses", "mean", "--by_attack_params", "perturbation=sign",
+               "--dataset", "digits", "--client_num_in_total", "8", "--client_num_per_round", "6", "--comm_round", "1",
+               "--by_workers", "2", "--partition_method", "homo", "--out", str(out)])
+    assert rc == 0
+    assert json_cfg(out / "runs" / "min_max__mean")["by_attack_params"] == "perturbation=sign"
+    assert json_cfg(out / "runs" / "gaussian__mean")["by_attack_params"] == ""
+    assert main(["matrix", "--attacks", "gaussian", "--defenses", "mean", "--by_attack_params", "bogus=1",
+                 "--dataset", "digits", "--by_workers", "2"]) == 2
+    assert "bogus" in capsys.readouterr().err
+
+
+def json_cfg(run_dir):
+    return json.loads((run_dir / "config.json").read_text())["config"]

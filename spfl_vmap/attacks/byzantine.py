@@ -332,7 +332,7 @@ def min_max(
     knowledge: str = "omniscient",
     f: int = 0,
     aggregator: str = "mean",
-    perturbation: str = "std",
+    perturbation: str = "unit_vec",
     tol: float = 1e-4,
 ) -> tuple[torch.Tensor, dict]:
     """Min-Max (Shejwalkar & Houmansadr, NDSS 2021, "Manipulating the Byzantine", aggregator-
@@ -352,8 +352,10 @@ def min_max(
         knowledge: ``omniscient`` or ``partial``.
         f: unused.
         aggregator: unused.
-        perturbation: ``unit_vec`` (``-mean/|mean|``), ``std`` (``-std``) or ``sign``
-            (``-sign(mean)``).
+        perturbation: ``unit_vec`` (``-mean/|mean|``, the default of the authors' code,
+            NDSS21-Model-Poisoning), ``std`` (``-std``) or ``sign`` (``-sign(mean)``). On
+            FashionMNIST ``lr`` (20 clients/round, 4 attackers) ``std`` hurt Krum and trimmed
+            mean no more than a Gaussian attack; ``unit_vec`` and ``sign`` did.
         tol: relative tolerance of ``gamma``.
 
     Returns:
@@ -372,7 +374,7 @@ def min_sum(
     knowledge: str = "omniscient",
     f: int = 0,
     aggregator: str = "mean",
-    perturbation: str = "std",
+    perturbation: str = "unit_vec",
     tol: float = 1e-4,
 ) -> tuple[torch.Tensor, dict]:
     """Min-Sum (Shejwalkar & Houmansadr, NDSS 2021).
