@@ -230,15 +230,21 @@ class PrivacyStage:
         from kernels import clip_scale_noise_reduce
 
         expected = float(self.cfg.client_num_per_round)  # q * K
+        finite = torch.isfinite(U).all(dim=1)  # (N,) a NaN/Inf row would poison the clipped sum
+        excluded = int((~finite).sum())
+        if excluded:
+            U = U[finite]
         N = U.shape[0]
         weights = torch.full((N,), 1.0 / expected, device=U.device)
         noise_std = self.sigma * self.clip / expected
         seed = derive_seed(self.cfg.seed, "dp-fedavg", round_idx)
         if N == 0:  # nobody sampled: the release is noise alone
             g = generator(seed, device=U.device)
-            return noise_std * torch.randn(U.shape[1], generator=g, device=U.device), {"dp_cohort": 0}
+            return noise_std * torch.randn(U.shape[1], generator=g, device=U.device), {"dp_cohort": 0, "nonfinite_excluded": excluded}
         agg, norms = clip_scale_noise_reduce(U, self.clip, weights, noise_std, seed)
         m = {"dp_cohort": N, "dp_clip": self.clip, "dp_clipped_frac": float((norms > self.clip).float().mean())}
+        if excluded:
+            m["nonfinite_excluded"] = excluded
         if self.cfg.dp_adaptive_clip:
             self._adapt_clip(norms, round_idx)
         return agg, m

@@ -151,3 +151,13 @@ def test_byzantine_in_gradient_mode(defense):
     for _ in range(3):
         plain.step()
     assert float((sim.w - w0).norm()) < 0.1 * float((plain.w - w0).norm())  # the mean absorbs sigma=200 noise
+
+
+@pytest.mark.parametrize("mode", ["user", "local"])
+def test_malformed_updates_under_dp(mode):
+    cfg = byz_config(dp_mode=mode, dp_sigma=0.5, by_attack="nan", by_workers=3, by_mode="per_round", client_num_per_round=8)
+    sim = Simulator(cfg)
+    for _ in range(2):
+        m = sim.step()
+    assert torch.isfinite(sim.w).all()
+    assert m["nonfinite_excluded"] >= 1
