@@ -39,12 +39,16 @@ def partition(
 
 
 def dirichlet_partition(
-    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_samples: int, max_tries: int = 1000
+    labels: np.ndarray, num_clients: int, alpha: float, rng: np.random.Generator, min_samples: int, max_tries: int = 100
 ) -> list[np.ndarray]:
     """Label-skewed split: per class, client shares ~ Dir(alpha) (Hsu et al. 2019; Yurochkin et al. 2019).
 
     As in the original toolkit, a client already holding more than ``n / K`` samples gets no
     share of further classes, and the draw repeats until every client has ``min_samples``.
+    When ``max_tries`` draws all leave some client short (small datasets with many clients),
+    the draw with the largest minimum is repaired: short clients take random samples from the
+    currently largest client until they reach ``min_samples``. This keeps the label skew of the
+    draw and changes only as many samples as the shortfall.
     """
     n = len(labels)
     if n < num_clients * min_samples:
@@ -54,6 +58,7 @@ def dirichlet_partition(
         )
     classes = np.unique(labels)
     by_class = [np.flatnonzero(labels == c) for c in classes]
+    best: list[np.ndarray] | None = None
     for _ in range(max_tries):
         buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         sizes = np.zeros(num_clients, dtype=np.int64)
@@ -66,12 +71,25 @@ def dirichlet_partition(
             for k, part in enumerate(np.split(idx, cuts)):
                 buckets[k].append(part)
                 sizes[k] += len(part)
+        parts = [np.concatenate(b) for b in buckets]
         if sizes.min() >= min_samples:
-            return [np.sort(np.concatenate(b)) for b in buckets]
-    raise DataError(
-        f"hetero partition found no split with >= {min_samples} samples per client after {max_tries} draws "
-        f"(alpha={alpha}, {num_clients} clients); raise --partition_alpha or lower --partition_min_samples"
-    )
+            return [np.sort(p) for p in parts]
+        if best is None or sizes.min() > min(len(p) for p in best):
+            best = parts
+    assert best is not None
+    return [np.sort(p) for p in top_up(best, min_samples, rng)]
+
+
+def top_up(parts: list[np.ndarray], min_samples: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move random samples from the largest clients to clients below ``min_samples``."""
+    parts = [rng.permutation(p) for p in parts]
+    for k in range(len(parts)):
+        while len(parts[k]) < min_samples:
+            donor = int(np.argmax([len(p) for p in parts]))
+            take = min(min_samples - len(parts[k]), len(parts[donor]) - min_samples)
+            parts[k] = np.concatenate([parts[k], parts[donor][:take]])
+            parts[donor] = parts[donor][take:]
+    return parts
 
 
 def shard_partition(labels: np.ndarray, num_clients: int, rng: np.random.Generator, shards_per_client: int = 2) -> list[np.ndarray]:

@@ -52,3 +52,13 @@ def test_shards_give_two_label_blocks():
 def test_impossible_hetero_is_a_clear_error():
     with pytest.raises(DataError, match="at least 10 samples per client"):
         partition(labels(100), 50, "hetero", seed=0, min_samples=10)
+
+
+def test_hetero_repairs_small_datasets_to_the_minimum():
+    """1,437 digits over 100 clients: no Dirichlet(0.5) draw gives everyone 10; the repair does."""
+    y = np.random.default_rng(0).integers(0, 10, 1437)
+    parts = partition(y, 100, "hetero", alpha=0.5, seed=0, min_samples=10)
+    assert min(len(p) for p in parts) >= 10
+    allidx = np.concatenate(parts)
+    assert sorted(allidx.tolist()) == list(range(len(y)))
+    assert partition_stats(parts, y)["classes"]["median"] < 10  # still label-skewed
