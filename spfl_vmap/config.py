@@ -193,6 +193,13 @@ class Config:
         need(self.by_attack == "none" or self.num_byzantine > 0, f"--by_attack {self.by_attack} needs --by_workers or --by_frac > 0")
         if self.by_f is not None:
             need(0 <= self.by_f < self.client_num_per_round, "--by_f must be in [0, client_num_per_round)")
+        n, f = self.client_num_per_round, self.assumed_f
+        # Blanchard et al. 2017 (Krum: n >= 2f+3 when f > 0); El Mhamdi et al. 2018 (Bulyan: n >= 4f+3)
+        rule = {"krum": ("2f+3", 2 * f + 3 if f else 0), "multi_krum": ("2f+3", 2 * f + 3 if f else 0),
+                "bulyan": ("4f+3", 4 * f + 3)}.get(self.by_defense)
+        if rule is not None:
+            need(n >= rule[1], f"--by_defense {self.by_defense} needs n >= {rule[0]} = {rule[1]} clients per round for f={f} "
+                               f"(got {n}); raise --client_num_per_round or lower --by_f / the Byzantine count")
         check_params("--by_defense_params", AGGREGATORS.get(self.by_defense), self.by_defense_params)
         check_params("--by_attack_params", ATTACKS.get(self.by_attack), self.by_attack_params)
 
@@ -229,6 +236,16 @@ class Config:
             return self.by_workers
         base = self.client_num_per_round if self.by_mode == "per_round" else self.client_num_in_total
         return int(round(self.by_frac * base))
+
+    @property
+    def assumed_f(self) -> int:
+        """The f robust aggregators assume: ``--by_f``, else the malicious count per cohort
+        (per_round mode) or its expectation (fixed mode)."""
+        if self.by_f is not None:
+            return self.by_f
+        if self.by_mode == "per_round":
+            return self.num_byzantine
+        return int(round(self.num_byzantine * self.client_num_per_round / self.client_num_in_total))
 
     @property
     def byzantine_on(self) -> bool:

@@ -21,6 +21,8 @@ BAD = [
     (["run", "--dataset", "cifar10", "--data_dir", "/nonexistent", "--model", "cnn_cifar"], "--download"),
     (["run", "--config", "/nonexistent.yaml"], "not found"),
     (["frobnicate"], "unknown command"),
+    (["run", "--dataset", "digits", "--client_num_in_total", "20", "--client_num_per_round", "6", "--by_attack", "gaussian",
+      "--by_workers", "2", "--by_mode", "per_round", "--by_defense", "bulyan"], "n >= 4f+3 = 11"),
 ]
 
 

@@ -45,12 +45,7 @@ class ByzantineStage:
         )
         self.attack_kwargs = cfg.attack_kwargs()
         self.defense_kwargs = cfg.defense_kwargs()
-        if cfg.by_f is not None:
-            self.f = cfg.by_f
-        elif cfg.by_mode == "per_round":
-            self.f = nb
-        else:  # expected malicious clients per cohort
-            self.f = int(round(nb * cfg.client_num_per_round / K))
+        self.f = cfg.assumed_f
 
     @property
     def poisons_data(self) -> bool:
