@@ -28,6 +28,7 @@ import torch
 
 from .cli import OneLineParser, register_command
 from .config import Config
+from .data.loaders import load_synthetic
 from .errors import ConfigError, SpflError
 
 REF = "loop (reference)"
@@ -86,25 +87,6 @@ class Workload:
         return int(self.sched.active.sum())
 
 
-def synthetic_data(n_train: int, input_shape: tuple[int, int, int], num_classes: int = 10, seed: int = 0):
-    """A Gaussian-mixture :class:`~spfl_vmap.data.Dataset` of any input shape (e.g. 3x32x32).
-
-    Args:
-        n_train: number of training samples.
-        input_shape: ``(C, H, W)``.
-        num_classes: label count.
-        seed: generator seed.
-    """
-    from .data import Dataset
-    from .rng import generator
-
-    g = generator(seed, "bench-data")
-    means = torch.randn(num_classes, *input_shape, generator=g) * 0.7  # (K, C, H, W)
-    y = torch.randint(0, num_classes, (n_train + 10,), generator=g)
-    x = means[y] + torch.randn(n_train + 10, *input_shape, generator=g)  # (n, C, H, W)
-    return Dataset("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], num_classes, "generated")
-
-
 def build_workload(
     model: str,
     clients: int,
@@ -137,7 +119,7 @@ def build_workload(
         raise ConfigError(f"--per_round ({per_round}) cannot exceed --clients ({clients})")
     n = clients * steps * batch_size
     if dataset == "synthetic":
-        data = synthetic_data(n, input_shape or (1, 28, 28), seed=seed)
+        data = load_synthetic(synthetic_train=n, synthetic_test=10, input_shape=input_shape or (1, 28, 28), seed=seed)
     else:
         if input_shape is not None:
             raise ConfigError("--input_shape applies to --dataset synthetic only")

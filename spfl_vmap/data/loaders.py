@@ -254,20 +254,25 @@ def load_digits(**_) -> Dataset:
 
 
 @register("synthetic", DatasetMeta((1, 28, 28), 10))
-def load_synthetic(synthetic_train: int = 2000, synthetic_test: int = 500, **_) -> Dataset:
-    """Deterministic 10-class Gaussian mixture shaped like MNIST (1x28x28).
+def load_synthetic(
+    synthetic_train: int = 2000, synthetic_test: int = 500, input_shape: tuple[int, int, int] = (1, 28, 28),
+    seed: int | str = 0, **_,
+) -> Dataset:
+    """Deterministic 10-class Gaussian mixture, shaped like MNIST (1x28x28) unless ``input_shape`` says otherwise.
 
-    Class means are random smooth images; samples add unit-variance noise. Independent of the
-    run seed so that every run sees the same data.
+    Class means are random smooth images (drawn at a quarter of the resolution and upsampled);
+    samples add unit-variance noise. Independent of the run seed, so every run sees the same
+    data; benchmarks pass their own ``seed`` and shape (e.g. 3x32x32 for the CIFAR workload).
     """
-    g = generator(0, "synthetic-data")
+    g = generator(seed, "synthetic-data")
     num_classes = 10
-    means = torch.randn(num_classes, 1, 7, 7, generator=g)
-    means = F.interpolate(means, size=(28, 28), mode="bilinear", align_corners=False) * 0.7
+    c, h, w = input_shape
+    means = torch.randn(num_classes, c, -(-h // 4), -(-w // 4), generator=g)
+    means = F.interpolate(means, size=(h, w), mode="bilinear", align_corners=False) * 0.7
 
     def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.randint(0, num_classes, (n,), generator=g)
-        x = means[y] + torch.randn(n, 1, 28, 28, generator=g)
+        x = means[y] + torch.randn(n, c, h, w, generator=g)
         return x, y
 
     xtr, ytr = draw(synthetic_train)
