@@ -160,7 +160,9 @@ class Simulator:
         # 1. sample clients; 2. their data slices are gathered per step from the packed tensors
         ids = self.sample_clients(r)
         counts = [self.counts[i] for i in ids]
-        sched = make_schedule(ids, counts, cfg.batch_size, 1 if cfg.use_gradient else cfg.epochs, cfg.seed, r, shuffle=not cfg.use_gradient)
+        # DP-SGD draws its own Poisson batches; every other trainer follows the shuffled schedule
+        sched = None if self.privacy.mode == "example" else make_schedule(
+            ids, counts, cfg.batch_size, 1 if cfg.use_gradient else cfg.epochs, cfg.seed, r, shuffle=not cfg.use_gradient)
         malicious = self.byz.malicious_mask(ids, r)  # (N,) bool
         if not self.privacy.may_train(ids, counts):
             self.stopped = self.privacy.stop_reason
