@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from kernel_bench import measure_ceilings
-from kernels.clip_scale_noise_reduce import clip_scale_noise_reduce_torch, clip_scale_noise_reduce_triton
-from kernels.order_stats import order_stats_torch, order_stats_triton
-from kernels.pairwise_sqdist import pairwise_sqdist_torch, pairwise_sqdist_triton
+from spfl_kernels.clip_scale_noise_reduce import clip_scale_noise_reduce_torch, clip_scale_noise_reduce_triton
+from spfl_kernels.order_stats import order_stats_torch, order_stats_triton
+from spfl_kernels.pairwise_sqdist import pairwise_sqdist_torch, pairwise_sqdist_triton
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

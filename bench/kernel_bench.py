@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from kernels.clip_scale_noise_reduce import clip_scale_noise_reduce_torch, clip_scale_noise_reduce_triton
-from kernels.order_stats import order_stats_torch, order_stats_triton
-from kernels.pairwise_sqdist import pairwise_sqdist_torch, pairwise_sqdist_triton
+from spfl_kernels.clip_scale_noise_reduce import clip_scale_noise_reduce_torch, clip_scale_noise_reduce_triton
+from spfl_kernels.order_stats import order_stats_torch, order_stats_triton
+from spfl_kernels.pairwise_sqdist import pairwise_sqdist_torch, pairwise_sqdist_triton
 
 
 def sync(device: torch.device | str) -> None:

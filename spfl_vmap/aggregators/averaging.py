@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kernels import clip_scale_noise_reduce, order_stats
+from spfl_kernels import clip_scale_noise_reduce, order_stats
 
 from ..errors import ConfigError
 from ._base import AGGREGATORS, check_f, normalise_weights

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import clip_rows, clip_scale_noise_reduce
+from spfl_kernels import clip_rows, clip_scale_noise_reduce
 
 from ..errors import ConfigError
 from ._base import AGGREGATORS, check_f, normalise_weights

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import order_stats, pairwise_sqdist
+from spfl_kernels import order_stats, pairwise_sqdist
 
 from ..errors import ConfigError
 from ._base import AGGREGATORS, check_f, krum_scores, normalise_weights

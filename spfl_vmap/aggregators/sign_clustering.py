@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import clip_rows
+from spfl_kernels import clip_rows
 
 from ..errors import ConfigError
 from ._base import AGGREGATORS, check_f, default_generator, randperm

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from kernels import pairwise_sqdist
+from spfl_kernels import pairwise_sqdist
 
 from ..aggregators import krum_scores
 from ..errors import ConfigError

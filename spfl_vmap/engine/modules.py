@@ -213,7 +213,7 @@ class PrivacyStage:
         """Step 7, local DP: clip each row to S, add N(0, (sigma S)^2) per coordinate."""
         if self.mode != "local" or U.shape[0] == 0:
             return U, {}
-        from kernels import clip_rows
+        from spfl_kernels import clip_rows
 
         clipped, norms = clip_rows(U, self.clip)
         g = generator(self.cfg.seed, "local-dp", round_idx, device=U.device)
@@ -222,7 +222,7 @@ class PrivacyStage:
 
     def dp_fedavg(self, U: torch.Tensor, round_idx: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Step 8 at user level: ``(sum_k clip_S(U_k) + N(0, sigma^2 S^2)) / (q K)`` (McMahan et al. 2018)."""
-        from kernels import clip_scale_noise_reduce
+        from spfl_kernels import clip_scale_noise_reduce
 
         expected = float(self.cfg.client_num_per_round)  # q * K
         finite = torch.isfinite(U).all(dim=1)  # (N,) a NaN/Inf row would poison the clipped sum

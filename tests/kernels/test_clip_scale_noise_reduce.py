@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.clip_scale_noise_reduce import (
+from spfl_kernels.clip_scale_noise_reduce import (
     clip_rows_torch,
     clip_rows_triton,
     clip_scale_noise_reduce_torch,

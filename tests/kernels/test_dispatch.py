@@ -7,12 +7,12 @@ import importlib
 import pytest
 import torch
 
-from kernels.dispatch import resolve_impl
+from spfl_kernels.dispatch import resolve_impl
 
 # importlib: ``kernels.<stem>`` attributes are the dispatcher functions, which shadow the modules.
-pd_mod = importlib.import_module("kernels.pairwise_sqdist")
-csnr_mod = importlib.import_module("kernels.clip_scale_noise_reduce")
-os_mod = importlib.import_module("kernels.order_stats")
+pd_mod = importlib.import_module("spfl_kernels.pairwise_sqdist")
+csnr_mod = importlib.import_module("spfl_kernels.clip_scale_noise_reduce")
+os_mod = importlib.import_module("spfl_kernels.order_stats")
 
 from kernels_testutil import randn
 

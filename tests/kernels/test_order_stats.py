@@ -7,11 +7,11 @@ import importlib
 import pytest
 import torch
 
-from kernels.order_stats import MAX_TRITON_N, OPS, order_stats_torch, order_stats_triton
+from spfl_kernels.order_stats import MAX_TRITON_N, OPS, order_stats_torch, order_stats_triton
 
 from kernels_testutil import DS, NS, poisoned, randn
 
-os_mod = importlib.import_module("kernels.order_stats")  # the package attribute is the dispatcher
+os_mod = importlib.import_module("spfl_kernels.order_stats")  # the package attribute is the dispatcher
 
 FAST = dict(block_d=1024)  # few programs under the interpreter
 NAN, INF = float("nan"), float("inf")

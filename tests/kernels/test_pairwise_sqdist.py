@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.pairwise_sqdist import pairwise_sqdist_torch, pairwise_sqdist_triton
+from spfl_kernels.pairwise_sqdist import pairwise_sqdist_torch, pairwise_sqdist_triton
 
 from kernels_testutil import DS, NS, poisoned, randn
 
