@@ -27,9 +27,13 @@ For the engine, use :func:`aggregate`::
     if metrics["round_rejected"]:
         ...  # keep the global model unchanged this round
 
-It looks the name up, passes only the keyword arguments the function accepts (so the engine can
-pass ``f``, ``state`` and ``generator`` to every rule; an unknown hyperparameter is dropped, not
-an error), and applies the non-finite policy: a row with any NaN/Inf entry never reaches the
+It looks the name up, validates the inputs and passes the keyword arguments on: the engine's
+``f``, ``state`` and ``generator`` (:data:`ENGINE_KWARGS`) are dropped for a rule that does not
+take them, but any other key the rule does not take is a :class:`~spfl_vmap.errors.ConfigError`
+naming it and listing the rule's hyperparameters (a misspelled hyperparameter is never ignored),
+and so is a value of the wrong type (``f="3"``, ``beta="abc"``), a ``U`` that is not a float
+``[N, D]`` tensor, or ``weights`` without one entry per row. It then applies the non-finite
+policy: a row with any NaN/Inf entry never reaches the
 global model. Such rows (and finite rows whose squared norm overflows fp32, which no distance can
 handle) are excluded before aggregation (``nonfinite_excluded`` lists them), ``f``
 is lowered by their number (they are counted as detected Byzantine clients, so e.g. Bulyan's
@@ -39,24 +43,40 @@ finite (e.g. finite rows that overflow), the aggregate is zeros and ``round_reje
 ``True``. Aggregators called directly do not apply this policy; each docstring says how it treats
 NaN/Inf (``median`` and ``trimmed_mean`` tolerate NaN entries natively).
 
-Users of other frameworks can call the rules directly::
+Users of other frameworks can call the rules directly (they check ``U``, ``weights`` and ``f``
+too)::
 
     from spfl_vmap.aggregators import krum
     agg, metrics = krum(U, weights, f=3)
+
+:func:`required_clients` gives the smallest cohort a rule accepts for a given ``f`` (Krum's
+``2f + 3``, Bulyan's ``4f + 3``, ...); the rules check their bound through it.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Callable
 
 import torch
 
-from ._base import AGGREGATORS, INDEX_KEYS, ROW_KEYS, krum_scores, normalise_weights
+from ._base import (
+    AGGREGATORS,
+    ENGINE_KWARGS,
+    INDEX_KEYS,
+    ROW_KEYS,
+    check_clients,
+    check_matrix,
+    check_weights,
+    hyperparameters,
+    krum_scores,
+    normalise_weights,
+    required_clients,
+    resolve_kwargs,
+)
 from .averaging import mean, median, trimmed_mean
 from .clipping import CC_STATE_KEY, centered_clipping, norm_clip
-from .distance import bulyan, krum, krum_select, multi_krum
+from .distance import bulyan, krum, krum_select, krum_select_batch, multi_krum
 from .geometric_median import geomed
 from .sign_clustering import mean_shift_labels, signguard
 from .spectral import dnc, outlier_scores
@@ -64,34 +84,40 @@ from .spectral import dnc, outlier_scores
 __all__ = [
     "AGGREGATORS",
     "CC_STATE_KEY",
+    "ENGINE_KWARGS",
     "aggregate",
     "accepted_kwargs",
     "bulyan",
     "centered_clipping",
     "dnc",
     "geomed",
+    "hyperparameters",
     "krum",
     "krum_scores",
     "krum_select",
+    "krum_select_batch",
     "mean",
     "median",
     "multi_krum",
     "norm_clip",
+    "required_clients",
+    "check_clients",
     "signguard",
     "trimmed_mean",
 ]
 
 
-@functools.lru_cache(maxsize=None)
-def _params(fn: Callable) -> tuple[frozenset[str], bool]:
-    ps = inspect.signature(fn).parameters.values()
-    return frozenset(p.name for p in ps), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps)
-
-
 def accepted_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``kwargs`` that ``fn`` accepts (all of them if it takes ``**kwargs``)."""
-    names, var_kw = _params(fn)
-    return dict(kwargs) if var_kw else {k: v for k, v in kwargs.items() if k in names}
+    """The subset of ``kwargs`` that ``fn`` accepts (all of them if it takes ``**kwargs``).
+
+    Silently drops the rest; :func:`aggregate` and :func:`~spfl_vmap.attacks.attack` use the
+    stricter :func:`~spfl_vmap.aggregators._base.resolve_kwargs` instead.
+    """
+    ps = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps):
+        return dict(kwargs)
+    names = {p.name for p in ps}
+    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def aggregate(
@@ -106,8 +132,8 @@ def aggregate(
         name: registry name (see :data:`AGGREGATORS`).
         U: ``[N, D]`` client updates.
         weights: ``[N]`` non-negative weights, or ``None`` for uniform.
-        **kwargs: ``f``, ``state``, ``generator`` and the rule's hyperparameters; keys the rule
-            does not accept are dropped.
+        **kwargs: ``f``, ``state``, ``generator`` (dropped if the rule does not take them) and
+            the rule's hyperparameters.
 
     Returns:
         ``([D] aggregate in U's dtype, metrics)``. ``metrics`` always has
@@ -115,10 +141,16 @@ def aggregate(
         rule's own metrics with row indices referring to ``U``'s rows.
 
     Raises:
-        ConfigError: unknown name, or parameters the rule refuses (e.g. Bulyan with n < 4f+3).
+        ConfigError: unknown name; an unknown hyperparameter or a value of the wrong type; ``U``
+            not a float ``[N, D]`` tensor; ``weights`` without N entries; or parameters the rule
+            refuses (e.g. Bulyan with n < 4f+3).
     """
     fn = AGGREGATORS.get(name)
+    who = f"aggregator {name!r}"
+    check_matrix(U, who)
     n, d = U.shape
+    check_weights(weights, n, who)
+    call = resolve_kwargs(fn, kwargs, ENGINE_KWARGS, who)
     # A NaN/Inf entry makes the squared norm non-finite, and so does a finite row too large for
     # distances to be representable (|x| > ~1.8e19 in fp32); both kinds are malformed.
     X = U.float()
@@ -130,7 +162,6 @@ def aggregate(
     if kept.numel() == 0:
         return rejected
 
-    call = accepted_kwargs(fn, kwargs)
     if excluded:
         U = U[kept]
         weights = None if weights is None else weights[kept]

@@ -9,7 +9,7 @@ import torch
 from spfl_kernels import clip_scale_noise_reduce, order_stats
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_f, normalise_weights
+from ._base import AGGREGATORS, check_args, check_clients, normalise_weights
 
 
 @AGGREGATORS.register("mean")
@@ -37,7 +37,7 @@ def mean(
     Returns:
         ``([D] aggregate, {})``.
     """
-    check_f(f, U.shape[0], "mean")
+    check_args(U, weights, f, "mean")
     w = normalise_weights(weights, U.shape[0], U.device)  # (N,)
     # The fused kernel with no clipping and no noise is exactly the weighted sum.
     out, _ = clip_scale_noise_reduce(U, math.inf, w, 0.0, 0)
@@ -70,7 +70,7 @@ def median(
     Returns:
         ``([D] aggregate, {})``.
     """
-    check_f(f, U.shape[0], "median")
+    check_args(U, weights, f, "median")
     return order_stats(U, "median").to(U.dtype), {}
 
 
@@ -106,10 +106,11 @@ def trimmed_mean(
         ``([D] aggregate, {"trim_k": k})``.
 
     Raises:
-        ConfigError: if ``beta`` is outside ``[0, 0.5)`` or ``2k >= N``.
+        ConfigError: if ``beta`` is outside ``[0, 0.5)``, ``k < 0`` or ``2k >= N`` (see
+            :func:`~spfl_vmap.aggregators.required_clients`).
     """
+    f = check_args(U, weights, f, "trimmed_mean")
     n = U.shape[0]
-    f = check_f(f, n, "trimmed_mean")
     if k is None:
         if beta is not None:
             if not 0.0 <= beta < 0.5:
@@ -118,6 +119,7 @@ def trimmed_mean(
         else:
             k = f
     k = int(k)
-    if k < 0 or 2 * k >= n:
-        raise ConfigError(f"trimmed_mean trims k={k} values per side, which needs n > 2k; got n={n}")
+    if k < 0:
+        raise ConfigError(f"trimmed_mean: k (values trimmed per side) must be >= 0, got {k}")
+    check_clients("trimmed_mean", n, f, {"k": k})  # n > 2k
     return order_stats(U, "trimmed_mean", k).to(U.dtype), {"trim_k": k}

@@ -7,7 +7,7 @@ import torch
 from spfl_kernels import clip_rows, clip_scale_noise_reduce
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_f, normalise_weights
+from ._base import AGGREGATORS, check_args, normalise_weights
 
 CC_STATE_KEY = "centered_clipping.center"
 
@@ -42,8 +42,8 @@ def norm_clip(
     Returns:
         ``([D] aggregate, {"clip_norm": float, "clipped_frac": float})``.
     """
+    check_args(U, weights, f, "norm_clip")
     n = U.shape[0]
-    check_f(f, n, "norm_clip")
     norms = U.float().norm(dim=1)  # (N,)
     thr = float(norms.quantile(0.5)) if max_norm is None else float(max_norm)
     if thr < 0:
@@ -91,8 +91,8 @@ def centered_clipping(
         ``([D] aggregate, {"clipped_frac": float})`` with the fraction of rows clipped in the last
         iteration.
     """
+    check_args(U, weights, f, "centered_clipping")
     n, d = U.shape
-    check_f(f, n, "centered_clipping")
     if tau <= 0 or n_iter < 1:
         raise ConfigError(f"centered_clipping: needs tau > 0 and n_iter >= 1, got {tau}, {n_iter}")
     X = U.float()

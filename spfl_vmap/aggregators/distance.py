@@ -8,13 +8,44 @@ import torch
 from spfl_kernels import order_stats, pairwise_sqdist
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_f, krum_scores, normalise_weights
+from ._base import AGGREGATORS, check_args, check_clients, krum_scores, normalise_weights
 
 
-def _check_krum_n(n: int, f: int, name: str) -> None:
-    # Blanchard et al.'s guarantee needs 2f + 2 < n; for f = 0 any n works (scores still defined).
-    if f > 0 and n < 2 * f + 3:
-        raise ConfigError(f"{name} needs n >= 2f+3 clients (Blanchard et al. 2017); got n={n}, f={f}")
+def krum_select_batch(D: torch.Tensor, f: int, m: int) -> torch.Tensor:
+    """Iterative Krum selection on a batch of distance matrices (the form Multi-Krum and Bulyan
+    use): pick the lowest Krum score, remove that row, re-score the remaining rows, ``m`` times.
+
+    On ``r`` remaining rows the neighbour count is ``r - f - 2`` clamped to ``[1, r - 1]``, as in
+    :func:`~spfl_vmap.aggregators.krum_scores`; ties go to the lowest row index. Removed rows are
+    masked with ``inf`` instead of being cut out, so all ``K`` matrices are scored at once (the
+    attacks use this to simulate the aggregator for many candidate updates).
+
+    Args:
+        D: ``[K, N, N]`` squared distances.
+        f: assumed number of Byzantine rows.
+        m: number of rows to select, ``1 <= m <= N``.
+
+    Returns:
+        ``[K, m]`` int64 selected row indices, in selection order.
+    """
+    K, n, _ = D.shape
+    Dm = D.float().clone()
+    Dm.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))  # a row is not its own neighbour
+    removed = torch.zeros(K, n, dtype=torch.bool, device=D.device)
+    rows = torch.arange(K, device=D.device)
+    picks = []
+    for t in range(m):  # selection steps (each one depends on the previous pick)
+        r = n - t
+        k = min(max(r - f - 2, 1), r - 1)
+        if k == 0:  # a single remaining row
+            scores = torch.zeros(K, n, device=D.device)
+        else:
+            Dt = Dm.masked_fill(removed[:, None, :], float("inf"))  # (K, N, N)
+            scores = torch.topk(Dt, k, dim=-1, largest=False).values.sum(dim=-1)  # (K, N)
+        j = torch.argmin(scores.masked_fill(removed, float("inf")), dim=1)  # (K,)
+        picks.append(j)
+        removed[rows, j] = True
+    return torch.stack(picks, dim=1)
 
 
 def krum_select(D: torch.Tensor, f: int, m: int, rescore: bool = True) -> list[int]:
@@ -25,22 +56,15 @@ def krum_select(D: torch.Tensor, f: int, m: int, rescore: bool = True) -> list[i
         f: assumed number of Byzantine rows.
         m: number of rows to select, ``1 <= m <= N``.
         rescore: re-apply Krum on the remaining rows after each pick (the iterative form used by
-            Multi-Krum and Bulyan); ``False`` takes the ``m`` best scores of one scoring.
+            Multi-Krum and Bulyan, :func:`krum_select_batch`); ``False`` takes the ``m`` best
+            scores of one scoring.
 
     Returns:
         Selected row indices, in selection order.
     """
-    n = D.shape[0]
     if not rescore:
         return torch.topk(krum_scores(D, f), m, largest=False).indices.tolist()
-    remaining = torch.arange(n, device=D.device)  # (r,)
-    selected: list[int] = []
-    for _ in range(m):
-        sub = D[remaining][:, remaining]  # (r, r)
-        j = int(torch.argmin(krum_scores(sub, f)))
-        selected.append(int(remaining[j]))
-        remaining = torch.cat([remaining[:j], remaining[j + 1 :]])
-    return selected
+    return krum_select_batch(D[None], f, m)[0].tolist()
 
 
 def _average(U: torch.Tensor, weights: torch.Tensor | None, idx: list[int], weighted: bool) -> torch.Tensor:
@@ -67,7 +91,7 @@ def krum(
 
     Args:
         U: ``[N, D]`` client updates.
-        weights: ignored.
+        weights: ignored, but must have N entries if given.
         f: assumed number of Byzantine clients; needs ``N >= 2f + 3`` when ``f > 0``.
         state: unused.
         generator: unused.
@@ -76,11 +100,10 @@ def krum(
         ``([D] selected row, {"selected": [i], "scores": [N floats]})``.
 
     Raises:
-        ConfigError: if ``f > 0`` and ``N < 2f + 3``.
+        ConfigError: if ``f > 0`` and ``N < 2f + 3``, or on malformed ``U`` / ``weights`` / ``f``.
     """
-    n = U.shape[0]
-    f = check_f(f, n, "krum")
-    _check_krum_n(n, f, "krum")
+    f = check_args(U, weights, f, "krum")
+    check_clients("krum", U.shape[0], f)
     scores = krum_scores(pairwise_sqdist(U), f)  # (N,)
     i = int(torch.argmin(scores))
     return U[i].clone(), {"selected": [i], "scores": scores.tolist()}
@@ -124,11 +147,12 @@ def multi_krum(
         ``([D] aggregate, {"selected": [...], "scores": [N first-round scores]})``.
 
     Raises:
-        ConfigError: if ``N < 2f + 3`` (f > 0) or ``m`` is outside ``[1, N]``.
+        ConfigError: if ``N < 2f + 3`` (f > 0), ``m`` is outside ``[1, N]``, or on malformed
+            ``U`` / ``weights`` / ``f``.
     """
+    f = check_args(U, weights, f, "multi_krum")
     n = U.shape[0]
-    f = check_f(f, n, "multi_krum")
-    _check_krum_n(n, f, "multi_krum")
+    check_clients("multi_krum", n, f)
     m = n - 2 * f if m is None else int(m)
     if not 1 <= m <= n:
         raise ConfigError(f"multi_krum: m must be in [1, n={n}], got {m}")
@@ -159,7 +183,7 @@ def bulyan(
 
     Args:
         U: ``[N, D]`` client updates.
-        weights: ignored.
+        weights: ignored, but must have N entries if given.
         f: assumed number of Byzantine clients.
         state: unused.
         generator: unused.
@@ -168,12 +192,11 @@ def bulyan(
         ``([D] aggregate, {"selected": [theta indices]})``.
 
     Raises:
-        ConfigError: if ``N < 4f + 3``.
+        ConfigError: if ``N < 4f + 3``, or on malformed ``U`` / ``weights`` / ``f``.
     """
+    f = check_args(U, weights, f, "bulyan")
     n = U.shape[0]
-    f = check_f(f, n, "bulyan")
-    if n < 4 * f + 3:
-        raise ConfigError(f"bulyan needs n >= 4f+3 clients (El Mhamdi et al. 2018); got n={n}, f={f}")
+    check_clients("bulyan", n, f)
     theta = n - 2 * f
     selected = krum_select(pairwise_sqdist(U), f, theta, rescore=True)
     out = order_stats(U[selected], "bulyan_mean", theta - 2 * f)  # (D,)

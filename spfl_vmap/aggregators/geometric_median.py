@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_f, normalise_weights
+from ._base import AGGREGATORS, check_args, normalise_weights
 
 
 @AGGREGATORS.register("geomed")
@@ -45,8 +45,8 @@ def geomed(
     Returns:
         ``([D] aggregate, {"iterations": int, "objective": float})``.
     """
+    check_args(U, weights, f, "geomed")
     n = U.shape[0]
-    check_f(f, n, "geomed")
     if nu <= 0 or max_iter < 1:
         raise ConfigError(f"geomed: needs nu > 0 and max_iter >= 1, got {nu}, {max_iter}")
     # fp32 at least; fp64 input stays fp64 (tight tolerances need it).

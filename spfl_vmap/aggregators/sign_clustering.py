@@ -7,7 +7,7 @@ import torch
 from spfl_kernels import clip_rows
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_f, default_generator, randperm
+from ._base import AGGREGATORS, check_args, default_generator, randperm
 
 
 def mean_shift_labels(P: torch.Tensor, quantile: float = 0.5, max_iter: int = 50) -> torch.Tensor:
@@ -99,8 +99,8 @@ def signguard(
         ``([D] aggregate, {"selected": [...], "flagged": [...], "norm_flagged": [...],
         "sign_flagged": [...], "clip_norm": float})``.
     """
+    check_args(U, weights, f, "signguard")
     n, d = U.shape
-    check_f(f, n, "signguard")
     if not (0 <= lower < upper) or not 0 < coord_frac <= 1:
         raise ConfigError(f"signguard: needs 0 <= lower < upper and 0 < coord_frac <= 1; got {lower}, {upper}, {coord_frac}")
     X = U.float()

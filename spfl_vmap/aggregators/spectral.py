@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_f, default_generator, normalise_weights, randperm
+from ._base import AGGREGATORS, check_args, default_generator, normalise_weights, randperm
 
 
 def outlier_scores(C: torch.Tensor) -> torch.Tensor:
@@ -69,8 +69,8 @@ def dnc(
     Returns:
         ``([D] aggregate, {"selected": [good], "flagged": [removed]})``.
     """
+    f = check_args(U, weights, f, "dnc")
     n, d = U.shape
-    f = check_f(f, n, "dnc")
     if niters < 1 or b < 1 or c < 0:
         raise ConfigError(f"dnc: needs niters >= 1, b >= 1, c >= 0; got {niters}, {b}, {c}")
     n_remove = min(int(c * f), n - 1)  # always keep at least one row

@@ -17,7 +17,7 @@ Every attack is registered in :data:`ATTACKS` and is a pure function (see
 The result is a new tensor: benign rows are unchanged and the input is never modified.
 
 Registered names: ``none``, ``gaussian``, ``sign_flip``, ``label_flip``, ``alie``, ``ipm``,
-``min_max``, ``min_sum``, ``fang``, ``nan``, ``inf``.
+``min_max``, ``min_sum``, ``agr_tal``, ``fang``, ``nan``, ``inf``.
 
 Data poisoning: ``label_flip`` leaves ``U`` unchanged; its function attribute ``data_poison``
 (:func:`flip_labels`, ``y -> num_classes - 1 - y``) is what the engine applies to the malicious
@@ -28,7 +28,14 @@ for any attack name (``None`` for pure model-poisoning attacks). Engine use, at 
     U, m = attack(cfg.attack, U, malicious, weights=counts, generator=gen, f=cfg.f,
                   knowledge=cfg.knowledge, aggregator=cfg.aggregator, **cfg.attack_kwargs)
 
-:func:`attack` passes only the keyword arguments the attack accepts.
+:func:`attack` validates the inputs and the keyword arguments: the engine's ``weights``,
+``generator``, ``knowledge``, ``f`` and ``aggregator`` (:data:`ENGINE_KWARGS`) are dropped for an
+attack that does not take them; any other key the attack does not take, or a value of the wrong
+type, is a :class:`~spfl_vmap.errors.ConfigError` naming it (a misspelled hyperparameter is never
+ignored).
+
+:func:`attackers_quantile` sizes ``f`` for sampled cohorts: the ``q``-quantile of the
+hypergeometric number of malicious clients in a cohort.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from typing import Any, Callable
 
 import torch
 
-from ..aggregators import accepted_kwargs
-from ._base import ATTACKS, KNOWLEDGE
+from ..aggregators._base import check_matrix, check_weights, resolve_kwargs
+from ._base import ATTACKS, ENGINE_KWARGS, KNOWLEDGE, attackers_quantile
+from .agr_tailored import AGR_TAL_RULES, agr_tal
 from .byzantine import (
     alie,
     alie_z,
@@ -57,11 +65,15 @@ from .byzantine import (
 )
 
 __all__ = [
+    "AGR_TAL_RULES",
     "ATTACKS",
+    "ENGINE_KWARGS",
     "KNOWLEDGE",
+    "agr_tal",
     "alie",
     "alie_z",
     "attack",
+    "attackers_quantile",
     "data_poison",
     "fang",
     "flip_labels",
@@ -79,20 +91,28 @@ __all__ = [
 
 
 def attack(name: str, U: torch.Tensor, malicious: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, dict]:
-    """Run the registered attack ``name``, passing only the keyword arguments it accepts.
+    """Run the registered attack ``name`` after validating its inputs and keyword arguments.
 
     Args:
         name: registry name (see :data:`ATTACKS`).
         U: ``[N, D]`` updates.
         malicious: ``[N]`` bool mask.
-        **kwargs: ``weights``, ``generator``, ``knowledge``, ``f``, ``aggregator`` and the
-            attack's hyperparameters; keys it does not accept are dropped.
+        **kwargs: ``weights``, ``generator``, ``knowledge``, ``f``, ``aggregator`` (dropped if
+            the attack does not take them) and the attack's hyperparameters.
 
     Returns:
         ``([N, D] attacked U, metrics)``.
+
+    Raises:
+        ConfigError: unknown name; an unknown hyperparameter (the message lists the accepted
+            ones) or a value of the wrong type; ``U`` not a float ``[N, D]`` tensor; ``weights``
+            or ``malicious`` without N entries.
     """
     fn = ATTACKS.get(name)
-    return fn(U, malicious, **accepted_kwargs(fn, kwargs))
+    who = f"attack {name!r}"
+    check_matrix(U, who)
+    check_weights(kwargs.get("weights"), U.shape[0], who)
+    return fn(U, malicious, **resolve_kwargs(fn, kwargs, ENGINE_KWARGS, who))
 
 
 def data_poison(name: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ..rng import default_generator  # noqa: F401  (re-exported for this package)
 
+from ..aggregators._base import check_matrix
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -13,17 +17,73 @@ ATTACKS: Registry = Registry("attack")
 
 KNOWLEDGE = ("omniscient", "partial")
 
+#: Keyword arguments the engine passes to every attack; an attack that does not take one of them
+#: simply does not get it. Any other key must be one of the attack's own hyperparameters.
+ENGINE_KWARGS = frozenset({"weights", "generator", "knowledge", "f", "aggregator"})
+
 
 def check_inputs(U: torch.Tensor, malicious: torch.Tensor, knowledge: str) -> torch.Tensor:
-    """Validate shapes and the knowledge model; return ``malicious`` as a bool ``[N]`` mask."""
-    if U.dim() != 2:
-        raise ValueError(f"U must be [N, D], got shape {tuple(U.shape)}")
+    """Validate ``U``, the mask and the knowledge model; return ``malicious`` as a bool ``[N]`` mask.
+
+    Raises:
+        ConfigError: ``U`` not a float ``[N, D]`` tensor, ``malicious`` not a 0/1 tensor with N
+            entries, or an unknown ``knowledge``.
+    """
+    check_matrix(U, "attack")
+    if not isinstance(malicious, torch.Tensor):
+        raise ConfigError(f"attack: malicious must be a bool torch.Tensor [N], got {type(malicious).__name__}")
+    if malicious.dtype is not torch.bool and not bool(((malicious == 0) | (malicious == 1)).all()):
+        raise ConfigError("attack: malicious must be a bool mask [N] (or 0/1 values), not row indices")
     mal = malicious.to(device=U.device, dtype=torch.bool).reshape(-1)
     if mal.numel() != U.shape[0]:
-        raise ValueError(f"malicious has {mal.numel()} entries for {U.shape[0]} rows")
+        raise ConfigError(f"attack: malicious has {mal.numel()} entries for {U.shape[0]} rows")
     if knowledge not in KNOWLEDGE:
         raise ConfigError(f"attack knowledge must be one of {KNOWLEDGE}, got {knowledge!r}")
     return mal
+
+
+def attackers_quantile(population: int, malicious: int, cohort: int, q: float = 0.99) -> int:
+    """The ``q``-quantile of the number of malicious clients in a uniformly sampled cohort.
+
+    A cohort of ``cohort`` clients drawn without replacement from ``population`` clients, of which
+    ``malicious`` are malicious, holds a hypergeometric number ``X`` of them. This returns the
+    smallest ``k`` with ``P(X <= k) >= q`` (``scipy.stats.hypergeom.ppf``), clamped to the support
+    ``[max(0, cohort - (population - malicious)), min(malicious, cohort)]``: with ``q = 0.99``, a
+    round has more than ``k`` attackers at most 1% of the time, so an aggregator assuming
+    ``f >= k`` is outnumbered in at most 1% of the rounds.
+
+    Args:
+        population: total number of clients ``K``.
+        malicious: malicious clients among them, ``0 <= malicious <= population``.
+        cohort: clients sampled per round, ``0 <= cohort <= population``.
+        q: quantile in ``[0, 1]``.
+
+    Returns:
+        The quantile ``k`` (an int).
+
+    Raises:
+        ConfigError: a count that is not a non-negative int or is out of range, or ``q`` outside
+            ``[0, 1]``.
+    """
+    for label, v in (("population", population), ("malicious", malicious), ("cohort", cohort)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0:
+            raise ConfigError(f"attackers_quantile: {label} must be a non-negative int, got {v!r}")
+    if malicious > population or cohort > population:
+        raise ConfigError(
+            f"attackers_quantile: needs malicious <= population and cohort <= population; "
+            f"got population={population}, malicious={malicious}, cohort={cohort}"
+        )
+    if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 <= float(q) <= 1.0:
+        raise ConfigError(f"attackers_quantile: q must be a number in [0, 1], got {q!r}")
+    lo, hi = max(0, cohort - (population - malicious)), min(malicious, cohort)
+    if lo == hi:
+        return int(lo)
+    from scipy.stats import hypergeom  # imported here: scipy.stats is slow to import
+
+    k = float(hypergeom.ppf(float(q), int(population), int(malicious), int(cohort)))
+    if math.isnan(k):  # not expected for valid arguments; the support's top is the safe answer
+        return int(hi)
+    return int(min(max(k, lo), hi))
 
 
 def known_rows(U: torch.Tensor, mal: torch.Tensor, knowledge: str) -> torch.Tensor:

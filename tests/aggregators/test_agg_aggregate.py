@@ -67,11 +67,3 @@ def test_indices_are_mapped_back_and_f_is_lowered():
     _, mk = aggregate("krum", U, None, f=1)
     assert mk["scores"][0] is None and len(mk["scores"]) == 7
     assert mk["selected"][0] in range(1, 7)
-
-
-def test_unaccepted_kwargs_are_dropped_and_direct_call_matches():
-    U = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
-    out, m = aggregate("krum", U, None, f=2, state={}, generator=None, beta=0.1, tau=3.0)
-    ref, mref = krum(U, None, f=2)
-    torch.testing.assert_close(out, ref)
-    assert m["selected"] == mref["selected"]

@@ -85,7 +85,7 @@ def test_alie_row_is_mean_minus_z_std():
 
 def test_ipm_is_minus_epsilon_mean():
     U, mal = setup()
-    out, _ = attack("ipm", U, mal, epsilon=0.7, sigma=3.0)  # sigma is not ipm's: dropped
+    out, _ = attack("ipm", U, mal, epsilon=0.7)
     torch.testing.assert_close(out[2], -0.7 * U[~mal].mean(0))
 
 
