@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spfl_vmap.bench_cli import REF, build_workload, make_trainers
+from spfl_vmap.experiments.bench import REF, build_workload, make_trainers
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -25,10 +25,9 @@ def test_engine(benchmark, engine: str, model: str, clients: int, steps: int, ba
     w = build_workload(model, clients, None, steps, batch, DEVICE)
     trainers = make_trainers(w, ["auto"], loop=engine == "loop")
     trainer = trainers[REF] if engine == "loop" else next(iter(trainers.values()))
-    gp = w.sim.global_params
 
     def call():
-        r = trainer.train(gp, w.ids, w.sched)
+        r = trainer.train(w.ctx)
         if CUDA:
             torch.cuda.synchronize()
         return r

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from spfl_vmap.bench_cli import bench_engine
+from spfl_vmap.experiments.bench import bench_engine
 
 PFL_ROUNDS = 1500  # pfl-research CIFAR-10 benchmark: 1500 central iterations
 

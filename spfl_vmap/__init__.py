@@ -9,9 +9,11 @@ Example:
 
 __version__ = "0.1.0"
 
-from .config import Config
-from .engine import History, Simulator, run
-from .errors import ConfigError, DataError, SpflError
-from .registry import Registry
+from .config import Config  # noqa: E402
+from .errors import ConfigError, DataError, SpflError  # noqa: E402
+from .registry import Registry  # noqa: E402
+from .builder import Simulator  # noqa: E402  (imports every module: their config sections register)
+from .engine import History  # noqa: E402
+from .runner import run  # noqa: E402
 
 __all__ = ["Config", "History", "Simulator", "run", "Registry", "SpflError", "ConfigError", "DataError", "__version__"]

@@ -9,13 +9,17 @@ line override it.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, get_type_hints
 
+from .data import DATASETS, dataset_meta
 from .errors import ConfigError
+from .models import MODELS, check_model_input
+from .registry import Registry
 
 PARTITIONS = ("homo", "hetero", "shards")
 CLIENT_OPTIMIZERS = ("sgd", "adam")
@@ -26,6 +30,29 @@ DEVICES = ("auto", "cpu", "cuda")
 DP_MODES = ("none", "example", "user", "local")
 # keyword arguments the engine passes itself; users may not set them in *_params
 ENGINE_KWARGS = {"weights", "f", "state", "generator", "knowledge", "aggregator", "malicious"}
+
+# Validators of config sections, ``fn(cfg) -> None`` raising ConfigError. Each module registers
+# the validator of its own fields (``spfl_vmap/modules``); the builder registers the rules that
+# span modules. ``Config.__post_init__`` runs them all, before any data is loaded.
+SECTIONS: Registry = Registry("config section")
+RULES: Registry = Registry("cross-module config rule")
+# ``fn(cfg) -> {field: canonical value}``, run before validation (e.g. "MKrum" -> "multi_krum")
+NORMALIZERS: Registry = Registry("config normalizer")
+# the original toolkit's model names that we map to ours
+MODEL_ALIASES = {"convnet_test": "convnet"}
+
+# Settings that may change when a run is resumed: they extend it, or change what is evaluated,
+# shown or written, never the rounds already trained. Every other field must match the checkpoint.
+RESUMABLE_CHANGES = frozenset({
+    "comm_round", "frequency_of_the_test", "eval_batch_size", "progress", "out", "name", "checkpoint_every",
+    "max_rejected_rounds", "data_dir", "download", "dp_epsilon_json",
+})
+
+
+def need(ok: bool, msg: str) -> None:
+    """Raise :class:`ConfigError` with ``msg`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(msg)
 
 
 def parse_params(text: str) -> dict[str, Any]:
@@ -53,8 +80,6 @@ def parse_params(text: str) -> dict[str, Any]:
 
 def check_params(flag: str, fn: Any, text: str) -> None:
     """Every key of ``text`` must be a keyword-only parameter of ``fn``; a typo is an error."""
-    import inspect
-
     allowed = {
         n for n, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
     } - ENGINE_KWARGS
@@ -107,6 +132,7 @@ class Config:
     name: Optional[str] = field(default=None, metadata={"help": "run name used in the default run directory"})
     checkpoint_every: int = field(default=0, metadata={"help": "write a checkpoint every K rounds (0 = never)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    max_rejected_rounds: int = field(default=5, metadata={"help": "stop the run after K consecutive rejected rounds (every update or the aggregate non-finite); 0 = never"})
     # Byzantine resilience (original toolkit flag names)
     byzantine_aggregate: bool = field(default=False, metadata={"help": "original toolkit switch; the module is on whenever --by_attack/--by_defense is set"})
     by_defense: str = field(default="mean", metadata={"help": "aggregator: mean | median | trimmed_mean | krum | multi_krum | bulyan | dnc | geomed | centered_clipping | signguard | norm_clip"})
@@ -132,13 +158,12 @@ class Config:
     dp_epsilon_json: bool = field(default=False, metadata={"help": "also write epsilons.json: {client_id: epsilon} as the original toolkit did"})
 
     def __post_init__(self) -> None:
-        from .data import DATASETS, dataset_meta
-        from .models import MODELS, check_model_input
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
+        check_types(self)
+        for name in NORMALIZERS.names():  # canonical names for aliases (the original toolkit's spellings)
+            for k, v in NORMALIZERS.get(name)(self).items():
+                object.__setattr__(self, k, v)
+        if self.model in MODEL_ALIASES:
+            object.__setattr__(self, "model", MODEL_ALIASES[self.model])
         need(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS.names())}")
         need(self.model in MODELS, f"unknown model {self.model!r}; choose one of: {', '.join(MODELS.names())}")
         need(self.partition_method in PARTITIONS, f"--partition_method must be one of {PARTITIONS}, got {self.partition_method!r}")
@@ -170,57 +195,16 @@ class Config:
         need(self.eval_batch_size >= 1, "--eval_batch_size must be >= 1")
         need(self.client_chunk >= 0, "--client_chunk must be >= 0")
         need(self.checkpoint_every >= 0, "--checkpoint_every must be >= 0")
+        need(self.max_rejected_rounds >= 0, "--max_rejected_rounds must be >= 0")
         need(self.model_width >= 1, "--model_width must be >= 1")
         need(self.synthetic_train >= 1 and self.synthetic_test >= 1, "synthetic sizes must be >= 1")
         need(0 <= self.seed < 2**63, "--seed must be in [0, 2^63)")
         meta = dataset_meta(self.dataset)
         check_model_input(self.model, meta.input_shape, self.dataset)
-        self._validate_byzantine(need)
-        self._validate_privacy(need)
-
-    def _validate_byzantine(self, need) -> None:
-        from .aggregators import AGGREGATORS
-        from .attacks import ATTACKS
-
-        need(self.by_defense in AGGREGATORS, f"unknown --by_defense {self.by_defense!r}; choose one of: {', '.join(AGGREGATORS.names())}")
-        need(self.by_attack in ATTACKS, f"unknown --by_attack {self.by_attack!r}; choose one of: {', '.join(ATTACKS.names())}")
-        need(self.by_mode in ("fixed", "per_round"), f"--by_mode must be fixed or per_round, got {self.by_mode!r}")
-        need(self.by_workers >= 0, "--by_workers must be >= 0")
-        need(0.0 <= self.by_frac < 1.0, f"--by_frac must be in [0, 1), got {self.by_frac}")
-        need(not (self.by_workers and self.by_frac), "give --by_workers or --by_frac, not both")
-        limit = self.client_num_per_round if self.by_mode == "per_round" else self.client_num_in_total
-        need(self.num_byzantine <= limit, f"{self.num_byzantine} Byzantine clients exceed the {limit} clients available")
-        need(self.by_attack == "none" or self.num_byzantine > 0, f"--by_attack {self.by_attack} needs --by_workers or --by_frac > 0")
-        if self.by_f is not None:
-            need(0 <= self.by_f < self.client_num_per_round, "--by_f must be in [0, client_num_per_round)")
-        n, f = self.client_num_per_round, self.assumed_f
-        # Blanchard et al. 2017 (Krum: n >= 2f+3 when f > 0); El Mhamdi et al. 2018 (Bulyan: n >= 4f+3)
-        rule = {"krum": ("2f+3", 2 * f + 3 if f else 0), "multi_krum": ("2f+3", 2 * f + 3 if f else 0),
-                "bulyan": ("4f+3", 4 * f + 3)}.get(self.by_defense)
-        if rule is not None:
-            need(n >= rule[1], f"--by_defense {self.by_defense} needs n >= {rule[0]} = {rule[1]} clients per round for f={f} "
-                               f"(got {n}); raise --client_num_per_round or lower --by_f / the Byzantine count")
-        check_params("--by_defense_params", AGGREGATORS.get(self.by_defense), self.by_defense_params)
-        check_params("--by_attack_params", ATTACKS.get(self.by_attack), self.by_attack_params)
-
-    def _validate_privacy(self, need) -> None:
-        need(self.dp_mode in DP_MODES, f"--dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}")
-        need(self.accountant in ("rdp", "prv"), f"--accountant must be rdp or prv, got {self.accountant!r}")
-        if self.effective_dp_mode == "none":
-            return
-        if self.dp_sigma is not None:
-            need(math.isfinite(self.dp_sigma) and self.dp_sigma > 0, f"--dp_sigma must be > 0 (sigma 0 gives epsilon = inf), got {self.dp_sigma}")
-        need(self.grad_norm > 0, f"--grad_norm must be > 0, got {self.grad_norm}")
-        if self.dp_delta is not None:
-            need(0 < self.dp_delta < 1, f"--dp_delta must be in (0, 1), got {self.dp_delta}")
-        if self.target_epsilon is not None:
-            need(math.isfinite(self.target_epsilon) and self.target_epsilon > 0, "--target_epsilon must be > 0")
-        need(0 < self.dp_clip_quantile < 1 and self.dp_clip_lr > 0, "--dp_clip_quantile must be in (0, 1) and --dp_clip_lr > 0")
-        need(not (self.dp_adaptive_clip and self.effective_dp_mode != "user"), "--dp_adaptive_clip applies to --dp_mode user only")
-        need(not self.use_gradient or self.effective_dp_mode != "example", "--dp_mode example trains with DP-SGD; it cannot be combined with --use_gradient")
-        need(self.engine == "vmap" or self.effective_dp_mode != "example", "--dp_mode example needs --engine vmap (DP-SGD is vectorized)")
-        if self.effective_dp_mode == "user":
-            need(self.by_defense == "mean", "--dp_mode user sums clipped updates; it cannot be combined with a robust --by_defense")
+        for name in SECTIONS.names():  # each module validates its own section
+            SECTIONS.get(name)(self)
+        for rule in RULES.names():  # rules that span modules (registered by the builder)
+            RULES.get(rule)(self)
 
     # ---- derived values -------------------------------------------------------------------
     @property
@@ -228,40 +212,6 @@ class Config:
         if self.server_lr is not None:
             return self.server_lr
         return self.lr if self.use_gradient else 1.0
-
-    @property
-    def num_byzantine(self) -> int:
-        """Byzantine clients in the population (fixed mode) or per cohort (per_round mode)."""
-        if self.by_workers:
-            return self.by_workers
-        base = self.client_num_per_round if self.by_mode == "per_round" else self.client_num_in_total
-        return int(round(self.by_frac * base))
-
-    @property
-    def assumed_f(self) -> int:
-        """The f robust aggregators assume: ``--by_f``, else the malicious count per cohort
-        (per_round mode) or its expectation (fixed mode)."""
-        if self.by_f is not None:
-            return self.by_f
-        if self.by_mode == "per_round":
-            return self.num_byzantine
-        return int(round(self.num_byzantine * self.client_num_per_round / self.client_num_in_total))
-
-    @property
-    def byzantine_on(self) -> bool:
-        return self.byzantine_aggregate or self.by_attack != "none" or self.by_defense != "mean"
-
-    @property
-    def effective_dp_mode(self) -> str:
-        if self.dp_mode == "none" and self.differential_privacy:
-            return "example"
-        return self.dp_mode
-
-    def attack_kwargs(self) -> dict[str, Any]:
-        return parse_params(self.by_attack_params)
-
-    def defense_kwargs(self) -> dict[str, Any]:
-        return parse_params(self.by_defense_params)
 
     def replace(self, **changes: Any) -> "Config":
         return dataclasses.replace(self, **changes)
@@ -279,6 +229,41 @@ class Config:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
         hints = field_types()
         return cls(**{k: coerce(k, v, hints[k]) for k, v in norm.items()})
+
+
+def check_types(cfg: "Config") -> None:
+    """Each field holds its declared type: ``Config(lr="0.1")`` or ``Config(comm_round=2.5)`` is an
+    error, not a run with a string learning rate. (Config files and flags are coerced first.)"""
+    hints = field_types()
+    for f in fields(cfg):
+        v = getattr(cfg, f.name)
+        tp = hints[f.name]
+        if v is None and base_type(tp) is not tp:  # Optional[...]
+            continue
+        bt = base_type(tp)
+        ok = (isinstance(v, bool) if bt is bool else
+              isinstance(v, int) and not isinstance(v, bool) if bt is int else
+              isinstance(v, (int, float)) and not isinstance(v, bool) if bt is float else
+              isinstance(v, bt))
+        if not ok:
+            raise ConfigError(f"{f.name} must be {'an' if bt is int else 'a'} {bt.__name__}, got {type(v).__name__} {v!r}")
+        if bt is float and not isinstance(v, float):
+            object.__setattr__(cfg, f.name, float(v))  # an int where a float is declared
+
+
+def resume_mismatches(saved: dict[str, Any], cfg: "Config") -> list[str]:
+    """``name (saved -> now)`` for every result-affecting field where ``cfg`` differs from the
+    config a run was checkpointed with (fields absent from ``saved`` are taken at their default)."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    now = cfg.to_dict()
+    out = []
+    for k in sorted(now):
+        if k in RESUMABLE_CHANGES:
+            continue
+        before = saved.get(k, defaults[k])
+        if before != now[k]:
+            out.append(f"{k} ({before!r} -> {now[k]!r})")
+    return out
 
 
 def field_types() -> dict[str, Any]:

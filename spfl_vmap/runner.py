@@ -5,29 +5,34 @@ Run directory layout:
     metrics.jsonl   one JSON object per evaluated round, appended and flushed as it happens
     summary.json    final and best accuracy, timings
     accuracy.png    test accuracy vs round
-    privacy.jsonl   DP runs: epsilon per evaluated round (per client at example/local level)
-    epsilons.json   with --dp_epsilon_json: {client_id: epsilon}, the original toolkit's layout
-    checkpoint.pt   with --checkpoint_every K: global model, server state, round
+    <stage logs>    a stage with a ``log_file`` gets one row per evaluated round there, e.g.
+                    privacy.jsonl (DP runs: epsilon, per client at example/local level)
+    <stage files>   what stages write at the end, e.g. epsilons.json (--dp_epsilon_json)
+    checkpoint.pt   with --checkpoint_every K: global model, server state, stage states, round
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-from ..config import Config
-from ..data import Dataset
-from ..errors import SpflError
-from .simulator import CHECKPOINT, History, Simulator
+from . import __version__
+from .builder import Simulator
+from .config import RESUMABLE_CHANGES, Config, resume_mismatches
+from .data import Dataset
+from .engine.simulator import CHECKPOINT, History, read_checkpoint
+from .errors import SpflError
+from .stages import Stage
 
 
 def package_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -36,10 +41,93 @@ def default_run_dir(cfg: Config) -> Path:
     return Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
 
 
+def strict(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by ``None``: the files are strict JSON
+    (``null``), never the bare ``NaN`` / ``Infinity`` that other JSON readers reject."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kw: Any) -> str:
+    return json.dumps(strict(obj), allow_nan=False, default=str, **kw)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    tmp.write_text(dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def prepare_run_dir(out: Path, resume: bool) -> Path | None:
+    """Check ``out`` before any data is loaded; create it. Returns the topmost directory this
+    created (to remove if the run fails before writing anything), or None."""
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == out else f"has a parent that is a file: {parent}"
+            raise SpflError(f"--out {out} {what}; choose a directory path")
+    if resume:
+        return None
+    created = None
+    for d in [out, *out.parents]:
+        if d.exists():
+            break
+        created = d
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SpflError(f"cannot create run directory {out}: {e.strerror or e}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SpflError(f"run directory {out} is not writable")
+    return created
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run dir>/.lock`` for the whole run: a second process that
+    writes to the same directory gets a one-line error instead of interleaving its rounds."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / ".lock"
+        self.fh: Any = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.fh = open(self.path, "a+")
+        except OSError as e:
+            raise SpflError(f"cannot lock run directory {self.path.parent}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.fh.seek(0)
+            holder = self.fh.read().strip() or "another process"
+            self.fh.close()
+            raise SpflError(f"run directory {self.path.parent} is in use by {holder}; wait for it or choose another --out") from None
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.fh.write(f"spfl run pid {os.getpid()}\n")
+        self.fh.flush()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+        self.fh.close()
+
+
+def check_resume(out: Path, cfg: Config) -> None:
+    """Refuse to resume with settings that would change the results of the checkpointed run."""
+    if not (out / CHECKPOINT).is_file():
+        raise SpflError(f"{out} has no {CHECKPOINT}; only runs started with --checkpoint_every can be resumed")
+    saved = read_checkpoint(out / CHECKPOINT).get("config")
+    if not isinstance(saved, dict):
+        raise SpflError(f"{out / CHECKPOINT} holds no config; it cannot be checked for a safe resume")
+    diff = resume_mismatches(saved, cfg)
+    if diff:
+        raise SpflError(f"--resume {out}: {', '.join(diff)} differ from the checkpointed run and would change its "
+                        f"results; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
 
 
 class MetricsLog:
@@ -50,7 +138,7 @@ class MetricsLog:
 
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(dumps(row) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -69,7 +157,7 @@ class MetricsLog:
         """Keep rows up to ``round_idx`` (rounds after a checkpoint are recomputed on resume)."""
         keep = [r for r in self.read() if r["round"] <= round_idx]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.write_text("".join(dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.path)
         return keep
 
@@ -98,6 +186,7 @@ def format_partition(stats: dict[str, dict[str, float]]) -> str:
 
 
 def summarize(sim: Simulator) -> dict[str, Any]:
+    """Final and best accuracy, timings, the last value of every evaluation hook's metrics."""
     rows = sim.history.rows
     accs = [r["test_acc"] for r in rows]
     return {
@@ -108,7 +197,10 @@ def summarize(sim: Simulator) -> dict[str, Any]:
         "wall_s": sim.elapsed,
         "mean_clients_per_s": (sum(r["clients_per_s"] for r in rows) / len(rows)) if rows else None,
         "stopped": sim.stopped,
-        **{k: rows[-1][k] for k in ("epsilon", "eps_min", "eps_median", "eps_max") if rows and k in rows[-1]},
+        "diverged": sim.diverged,
+        "rejected_rounds": sim.rejected_rounds,
+        "nonfinite_loss_rounds": sim.nonfinite_loss_rounds,
+        **{k: rows[-1][k] for k in sorted(sim.eval_keys) if rows and k in rows[-1]},
         **sim.describe(),
     }
 
@@ -120,46 +212,66 @@ def run(
     resume_dir: str | Path | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     log: Callable[[str], None] | None = None,
+    stages: Sequence[Stage] = (),
 ) -> History:
     """Run ``cfg`` to completion and return its :class:`History`.
 
     Writes a run directory when ``cfg.out`` is set (the CLI always sets it). With
-    ``resume_dir``, continues the checkpointed run there.
+    ``resume_dir``, continues the checkpointed run there; every setting that affects results
+    must match the checkpoint's (see ``config.RESUMABLE_CHANGES``). The run directory is checked
+    and locked before any data is loaded: one process writes a run directory at a time.
+    ``stages`` are extra pipeline stages (see :class:`spfl_vmap.Simulator`).
     """
     log = log or (lambda s: None)
-    sim = Simulator(cfg, data)
-    log(format_partition(sim.partition_stats))
     out = Path(resume_dir) if resume_dir is not None else (Path(cfg.out) if cfg.out else None)
-    metrics = privacy_log = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsLog(out / "metrics.jsonl")
-        privacy_log = MetricsLog(out / "privacy.jsonl") if sim.privacy.mode != "none" else None
+    if out is None:
+        return _run(cfg, data, None, False, on_round, log, stages)
+    created = prepare_run_dir(out, resume=resume_dir is not None)
+    with RunLock(out):
         if resume_dir is not None:
+            check_resume(out, cfg)
+        elif (out / CHECKPOINT).exists() or (out / "metrics.jsonl").exists():
+            which = CHECKPOINT if (out / CHECKPOINT).exists() else "metrics.jsonl"
+            raise SpflError(f"run directory {out} already holds {which} from another run; choose a new --out or use --resume {out}")
+        try:
+            return _run(cfg, data, out, resume_dir is not None, on_round, log, stages)
+        except BaseException:
+            if created is not None and not (out / "metrics.jsonl").exists() and not (out / CHECKPOINT).exists():
+                shutil.rmtree(created, ignore_errors=True)  # failed before writing anything: leave no stray directory
+            raise
+
+
+def _run(cfg: Config, data: Dataset | None, out: Path | None, resume: bool, on_round, log, stages) -> History:
+    sim = Simulator(cfg, data, stages=stages)
+    log(format_partition(sim.partition_stats))
+    for line in describe_lines(sim.describe()):
+        log(line)
+    metrics = None
+    stage_logs: list[tuple[Stage, MetricsLog]] = []
+    if out is not None:
+        metrics = MetricsLog(out / "metrics.jsonl")
+        stage_logs = [(s, MetricsLog(out / s.log_file)) for s in sim.stages if s.log_file]
+        if resume:
             sim.load_checkpoint(out)
             sim.history.rows = metrics.truncate_after(sim.round)
-            if privacy_log is not None:
-                sim.privacy.rows = privacy_log.truncate_after(sim.round)
+            for s, slog in stage_logs:
+                s.load_log(slog.truncate_after(sim.round))
             log(f"resuming {out} after round {sim.round}")
-        else:
-            if metrics.path.exists():
-                raise SpflError(f"run directory {out} already holds metrics.jsonl; choose a new --out or use --resume {out}")
         write_json_atomic(out / "config.json", {"config": cfg.to_dict(), "version": package_version(), **sim.describe()})
-    rng = range(sim.round, cfg.comm_round)
     bar = None
     if cfg.progress and sys.stderr.isatty() or os.environ.get("SPFL_PROGRESS") == "1":
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.comm_round, initial=sim.round, desc="rounds", unit="rd", file=sys.stderr, leave=False)
-    for _ in rng:
+    while not sim.done:
         m = sim.step()
-        if sim.stopped is not None:
+        if "stopped" in m:  # a guard stopped the run before this round trained
             log(f"stopped before round {m['round']}: {sim.stopped}")
             break
+        warn_divergence(sim, m, log)
         if "test_acc" in m and metrics is not None:
             metrics.append(m)
-            if privacy_log is not None:
-                privacy_log.append(sim.privacy.rows[-1])
+            append_stage_logs(stage_logs)
         if out is not None and cfg.checkpoint_every and (sim.round % cfg.checkpoint_every == 0 or sim.done):
             sim.save_checkpoint(out)
         if bar is not None:
@@ -168,25 +280,67 @@ def run(
                 bar.set_postfix(acc=f"{m['test_acc']:.4f}", loss=f"{m['train_loss']:.3f}")
         if on_round is not None:
             on_round(m)
+        if sim.stopped is not None:
+            log(f"stopped after round {m['round']}: {sim.stopped}")
     if bar is not None:
         bar.close()
     if sim.stopped is not None and sim.round and (not sim.history.rows or sim.history.rows[-1]["round"] != sim.round):
-        acc, loss = sim.evaluate()  # the model as it stands when the budget ran out
-        row = {"round": sim.round, "test_acc": acc, "test_loss": loss, "train_loss": float("nan"), "wall_s": sim.elapsed,
-               "clients_per_s": 0.0, **sim.privacy.report(sim.round)}
+        ev = sim.evaluation()  # the model as it stands when the run stopped
+        row = {"round": sim.round, **ev, "train_loss": float("nan"), "wall_s": sim.elapsed, "clients_per_s": 0.0}
         sim.history.rows.append(row)
         if metrics is not None:
             metrics.append(row)
-            if privacy_log is not None:
-                privacy_log.append(sim.privacy.rows[-1])
+            append_stage_logs(stage_logs)
     sim.history.summary = summarize(sim)
+    sim.history.model_state = {k: v.detach().cpu().clone() for k, v in sim.global_params.items()}
     if out is not None:
         write_json_atomic(out / "summary.json", sim.history.summary)
-        if cfg.dp_epsilon_json and sim.privacy.rows and "epsilons" in sim.privacy.rows[-1]:
-            write_json_atomic(out / "epsilons.json", sim.privacy.rows[-1]["epsilons"])
+        for s in sim.stages:
+            for name, obj in s.final_files().items():
+                write_json_atomic(out / name, obj)
         if sim.history.rows:
             plot_accuracy(sim.history.rows, out / "accuracy.png", f"{cfg.dataset} {cfg.model} {cfg.partition_method}")
     return sim.history
+
+
+def warn_divergence(sim: Simulator, m: dict[str, Any], log: Callable[[str], None]) -> None:
+    """One warning when a streak of rejected rounds or of non-finite training losses begins."""
+    if m.get("round_rejected") and sim.consecutive_rejected == 1:
+        log(f"warning: round {m['round']} was rejected (every update, or the aggregate, was NaN/Inf); the model is "
+            f"unchanged. The run stops after {sim.cfg.max_rejected_rounds} such rounds in a row (--max_rejected_rounds)")
+    loss = m.get("train_loss")
+    if isinstance(loss, float) and not math.isfinite(loss) and m.get("clients"):
+        if not getattr(sim, "_warned_loss", False):
+            log(f"warning: round {m['round']}: the training loss is {loss} (diverging: lower --lr?)")
+            sim._warned_loss = True
+    elif loss is not None:
+        sim._warned_loss = False
+
+
+def describe_lines(d: dict[str, Any]) -> list[str]:
+    """What a run states up front: the privacy actually applied, the f the aggregator assumes."""
+    lines = []
+    if "privacy" in d:
+        p = d["privacy"]
+        lines.append(f"privacy: dp_mode {p['mode']}, noise multiplier {p['noise_multiplier']:.4g}, clip {p['clip']:g}, "
+                     f"delta {p['delta']:.3g}, accountant {p['accountant']}"
+                     + (f", target epsilon {p['target_epsilon']:g}" if p.get("target_epsilon") is not None else ""))
+    if "adaptive_clip" in d:
+        a = d["adaptive_clip"]
+        lines.append(f"adaptive clipping: updates noised at z_delta {a['update_noise_multiplier']:.4g}, count noise "
+                     f"sigma_b {a['count_noise_std']:.4g}, accounted at z {a['accounted_noise_multiplier']:.4g}")
+    if "byzantine" in d:
+        b = d["byzantine"]
+        lines.append(f"byzantine: {b['attack']} vs {b['defense']}, {b['malicious_clients']} malicious ({b['mode']}), "
+                     f"aggregator assumes f={b['f']} ({b['f_rule']})")
+    return lines
+
+
+def append_stage_logs(stage_logs: list[tuple[Stage, MetricsLog]]) -> None:
+    for s, slog in stage_logs:
+        row = s.log_row()
+        if row is not None:
+            slog.append(row)
 
 
 def load_run_config(run_dir: str | Path) -> Config:
@@ -195,4 +349,8 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise SpflError(f"{run_dir} is not a run directory: {p} is missing")
     if not (Path(run_dir) / CHECKPOINT).is_file():
         raise SpflError(f"{run_dir} has no {CHECKPOINT}; only runs started with --checkpoint_every can be resumed")
-    return Config.from_dict(json.loads(p.read_text())["config"])
+    try:
+        saved = json.loads(p.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise SpflError(f"{p} is damaged ({type(e).__name__}); it cannot be resumed") from None
+    return Config.from_dict(saved)

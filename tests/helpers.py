@@ -28,3 +28,18 @@ def final_params(cfg: Config, rounds: int = 1) -> tuple[torch.Tensor, torch.Tens
     for _ in range(rounds):
         sim.step()
     return w0, sim.w
+
+
+class Killed(Exception):
+    """Raised by :func:`kill_at` to stop a run as a kill would."""
+
+
+def kill_at(round_idx: int):
+    """An ``on_round`` callback that kills the run after round ``round_idx`` (its checkpoint,
+    when due, is written first)."""
+
+    def on_round(m):
+        if m["round"] == round_idx:
+            raise Killed
+
+    return on_round

@@ -22,7 +22,7 @@ BAD = [
     (["run", "--config", "/nonexistent.yaml"], "not found"),
     (["frobnicate"], "unknown command"),
     (["run", "--dataset", "digits", "--client_num_in_total", "20", "--client_num_per_round", "6", "--by_attack", "gaussian",
-      "--by_workers", "2", "--by_mode", "per_round", "--by_defense", "bulyan"], "n >= 4f+3 = 11"),
+      "--by_workers", "2", "--by_mode", "per_round", "--by_defense", "bulyan"], "n >= 4f+3 clients"),
 ]
 
 

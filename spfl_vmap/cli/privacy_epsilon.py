@@ -20,7 +20,7 @@ import sys
 from typing import NoReturn
 
 from ..errors import SpflError
-from .accountant import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon
+from ..privacy.accountant import ACCOUNTANTS, calibrate_noise_multiplier, compute_epsilon
 
 USAGE_EXAMPLE = (
     "spfl privacy-epsilon --sample_rate Q (--noise_multiplier SIGMA | --target_epsilon E) "

@@ -20,10 +20,12 @@ float rounding; the tests hold them to a relative error of 1e-5.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,9 +33,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..data.packing import PackedClients
+from ..stages import BatchTransform, RoundContext
 from .optim import make_client_optimizer
 from .params import ParamSpec, Params
-from .schedule import Schedule
+from .schedule import Schedule, make_schedule
 
 
 @dataclass
@@ -116,6 +119,54 @@ def auto_chunk(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, 
     return max(1, min(cap, budget // max(per_client, 1)))
 
 
+def apply_transforms(
+    ctx: RoundContext, transforms: Sequence[BatchTransform], x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the pipeline's batch transforms on a chunk's batch ``x (n, B, ...)``, ``y (n, B)``;
+    ``rows (n,)`` are the clients' positions in the cohort."""
+    for t in transforms:
+        (x, y), _ = t.apply(ctx, x, y, rows)
+    return x, y
+
+
+def gather_batch(
+    packed: PackedClients, index_rows: torch.Tensor, pos: torch.Tensor, ctx: RoundContext,
+    transforms: Sequence[BatchTransform], rows: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One local step's batch of ``n`` clients, transformed.
+
+    Args:
+        packed: The clients' data, packed once.
+        index_rows: ``(n, n_max)`` the clients' rows of ``packed.index``.
+        pos: ``(n, B)`` positions into those rows.
+        ctx: The round.
+        transforms: The pipeline's batch transforms (data poisoning, image transforms).
+        rows: ``(n,)`` the clients' positions in the cohort.
+
+    Returns:
+        ``x (n, B, ...)``, ``y (n, B)``.
+    """
+    gidx = index_rows.gather(1, pos)  # (n, B) indices into the flat training set
+    return apply_transforms(ctx, transforms, packed.x[gidx], packed.y[gidx], rows)
+
+
+def round_schedule(ctx: RoundContext, batch_size: int, epochs: int, use_gradient: bool) -> Schedule:
+    """The shuffled batch schedule of the round's cohort (one unshuffled pass for FedSGD)."""
+    return make_schedule(ctx.client_ids, ctx.counts, batch_size, 1 if use_gradient else epochs, ctx.seed, ctx.round,
+                         shuffle=not use_gradient)
+
+
+class Trainer(Protocol):
+    """What the round loop calls: every trainer has this one interface."""
+
+    strategy: str
+    chunk: int
+
+    def train(self, ctx: RoundContext, transforms: Sequence[BatchTransform] = ()) -> LocalResult:
+        """Local training of ``ctx.client_ids`` from ``ctx.global_params``; returns ``U (N, D)``."""
+        ...
+
+
 class VmapTrainer:
     """Trains stacked clients with ``vmap(grad)`` (or the functional per-client loop)."""
 
@@ -155,43 +206,36 @@ class VmapTrainer:
 
         return one
 
-    label_poison: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by the simulator
-    _poison: torch.Tensor | None = None  # (n,) bool for the chunk being trained
+    def train(self, ctx: RoundContext, transforms: Sequence[BatchTransform] = ()) -> LocalResult:
+        """Run local training for ``ctx.client_ids``; returns the ``[N, D]`` update matrix.
 
-    def _batch(self, rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gidx = rows.gather(1, pos)  # (n, B) indices into the flat training set
-        y = self.packed.y[gidx]
-        if self._poison is not None and self.label_poison is not None:
-            y = torch.where(self._poison[:, None], self.label_poison(y), y)
-        return self.packed.x[gidx], y
-
-    def train(self, global_params: Params, client_ids: list[int], sched: Schedule, poisoned: torch.Tensor | None = None) -> LocalResult:
-        """Run local training for ``client_ids``; returns the ``[N, D]`` update matrix.
-
-        ``poisoned`` (``[N]`` bool) marks clients that train on ``self.label_poison(y)`` instead
-        of their true labels (data-poisoning attacks such as label flipping).
+        ``transforms`` rewrite each step's batches (data poisoning such as label flipping acts on
+        the malicious clients' rows through ``ctx.malicious``).
         """
-        N = len(client_ids)
+        sched = round_schedule(ctx, self.cfg.batch_size, self.cfg.epochs, self.cfg.use_gradient)
+        N = ctx.num_clients
         if self._use_workers(N):
-            return self._train_workers(global_params, client_ids, sched, poisoned)
+            return self._train_workers(ctx, sched, transforms)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
         for lo in range(0, N, self.chunk):
             hi = min(N, lo + self.chunk)
-            ids = torch.tensor(client_ids[lo:hi], device=self.device)
+            ids = torch.tensor(ctx.client_ids[lo:hi], device=self.device)
+            rows = torch.arange(lo, hi, device=self.device)
             part = sched.select(slice(lo, hi))
-            self._poison = None if poisoned is None or not bool(poisoned[lo:hi].any()) else poisoned[lo:hi].to(self.device)
             if self.cfg.use_gradient:
-                U[lo:hi], losses[lo:hi] = self._gradient_chunk(global_params, ids, part)
+                U[lo:hi], losses[lo:hi] = self._gradient_chunk(ctx, ids, rows, part, transforms)
             else:
-                U[lo:hi], losses[lo:hi] = self._train_chunk(global_params, ids, part)
+                U[lo:hi], losses[lo:hi] = self._train_chunk(ctx, ids, rows, part, transforms)
         return LocalResult(U, losses, self.strategy, self.chunk)
 
-    def _train_chunk(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_chunk(
+        self, ctx: RoundContext, ids: torch.Tensor, cohort_rows: torch.Tensor, sched: Schedule, transforms: Sequence[BatchTransform]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(ids)
+        global_params = ctx.global_params
         if self.strategy == "loop" and n == 1 and self._float_hypers():
-            poison = self._poison is not None and self.label_poison is not None and bool(self._poison[0])
-            return self._train_one(self.model, global_params, int(ids[0]), sched, poison)
+            return self._train_one(self.model, ctx, int(cohort_rows[0]), sched, transforms)
         rows = self.packed.index[ids]  # (n, n_max)
         params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
         state = self.opt.init(params)
@@ -203,7 +247,7 @@ class VmapTrainer:
         for t in range(sched.num_steps):
             if not bool(active_cpu[:, t].any()):
                 continue
-            x, y = self._batch(rows, pos[:, t])  # (n, B, ...), (n, B)
+            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows)  # (n, B, ...), (n, B)
             grads, loss = gfn(params, x, y, mask[:, t].to(x.dtype))
             all_active = bool(active_cpu[:, t].all())  # host-side: skip the padding masks
             params, state = self.opt.step(params, grads, state, None if all_active else active[:, t])
@@ -227,7 +271,7 @@ class VmapTrainer:
         env = os.environ.get("SPFL_LOOP_WORKERS")
         return int(env) if env else torch.get_num_threads()
 
-    def _train_workers(self, global_params: Params, client_ids: list[int], sched: Schedule, poisoned: torch.Tensor | None) -> LocalResult:
+    def _train_workers(self, ctx: RoundContext, sched: Schedule, transforms: Sequence[BatchTransform]) -> LocalResult:
         """Clients spread over ``W`` Python threads, each running one client at a time with one
         intra-op thread (torch releases the GIL inside ops).
 
@@ -236,22 +280,16 @@ class VmapTrainer:
         single-threaded clients use the cores without either problem. Each worker has its own
         copy of the module, because ``functional_call`` swaps a module's parameters in place.
         """
-        import copy
-        from concurrent.futures import ThreadPoolExecutor
-
-        N = len(client_ids)
+        N = ctx.num_clients
         W = min(self._workers(), N)
         while len(self._replicas) < W:
             self._replicas.append(copy.deepcopy(self.model))
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
-        lab = self.label_poison is not None and poisoned is not None
 
         def work(w: int) -> None:
             for i in range(w, N, W):
-                U[i : i + 1], losses[i : i + 1] = self._train_one(
-                    self._replicas[w], global_params, client_ids[i], sched.select(slice(i, i + 1)), lab and bool(poisoned[i])
-                )
+                U[i : i + 1], losses[i : i + 1] = self._train_one(self._replicas[w], ctx, i, sched.select(slice(i, i + 1)), transforms)
 
         prev = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -262,7 +300,9 @@ class VmapTrainer:
             torch.set_num_threads(prev)
         return LocalResult(U, losses, self.strategy, self.chunk)
 
-    def _train_one(self, model: nn.Module, global_params: Params, cid: int, sched: Schedule, poison: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_one(
+        self, model: nn.Module, ctx: RoundContext, i: int, sched: Schedule, transforms: Sequence[BatchTransform]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One client, plain autograd on leaf tensors and a foreach ``torch.optim`` optimizer.
 
         This is the ``loop`` strategy's fast path. It skips ``torch.func`` transforms, the
@@ -271,6 +311,8 @@ class VmapTrainer:
         which mkldnn convolves about 1.2x faster at local batch sizes. The optimizer performs
         ``torch.optim``'s own ops, so the result equals the reference loop to rounding.
         """
+        global_params, cid = ctx.global_params, ctx.client_ids[i]
+        cohort_row = torch.tensor([i], device=self.device)
         cl = self._channels_last()
         fmt = torch.channels_last if cl else torch.contiguous_format
         leaves = {}
@@ -292,10 +334,11 @@ class VmapTrainer:
                 continue
             gidx = row[sched.pos[0, t][m].to(self.device)]  # the real samples only: loss = their mean
             x, y = self.packed.x[gidx], self.packed.y[gidx]  # (b, C, H, W), (b,)
+            if transforms:  # as a chunk of one client: (1, b, ...)
+                x, y = apply_transforms(ctx, transforms, x[None], y[None], cohort_row)
+                x, y = x[0], y[0]
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if poison:
-                y = self.label_poison(y)
             loss = F.cross_entropy(functional_call(model, leaves, (x,)), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -310,9 +353,12 @@ class VmapTrainer:
     def _channels_last(self) -> bool:
         return self.device.type == "cpu" and has_conv(self.model) and os.environ.get("SPFL_CHANNELS_LAST", "1") != "0"
 
-    def _gradient_chunk(self, global_params: Params, ids: torch.Tensor, sched: Schedule) -> tuple[torch.Tensor, torch.Tensor]:
+    def _gradient_chunk(
+        self, ctx: RoundContext, ids: torch.Tensor, cohort_rows: torch.Tensor, sched: Schedule, transforms: Sequence[BatchTransform]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """FedSGD (McMahan et al. 2017): each client's gradient over all its samples at the global model."""
         n = len(ids)
+        global_params = ctx.global_params
         rows = self.packed.index[ids]
         pos, mask = sched.pos.to(self.device), sched.mask.to(self.device)
         active_cpu = sched.active
@@ -321,7 +367,7 @@ class VmapTrainer:
         for t in range(sched.num_steps):
             if not bool(active_cpu[:, t].any()):
                 continue
-            x, y = self._batch(rows, pos[:, t])
+            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows)
             m = mask[:, t].to(x.dtype)
             g, l = self._vgrad_sum(global_params, x, y, m)  # params shared: in_dims None
             acc += self.spec.flatten(g, stacked=True)

@@ -10,10 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from typing import Sequence
+
 from ..data.packing import PackedClients
-from .local import LocalResult
+from ..stages import BatchTransform, RoundContext
+from .local import LocalResult, apply_transforms, round_schedule
 from .params import ParamSpec, Params
-from .schedule import Schedule
 
 
 class LoopTrainer:
@@ -37,9 +39,13 @@ class LoopTrainer:
     def _flat(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
 
-    label_poison = None  # set by the simulator for data-poisoning attacks
+    def train(self, ctx: RoundContext, transforms: Sequence[BatchTransform] = ()) -> LocalResult:
+        """Each client in turn: load the global model, run ``torch.optim`` over its batches.
 
-    def train(self, global_params: Params, client_ids: list[int], sched: Schedule, poisoned: torch.Tensor | None = None) -> LocalResult:
+        Batch transforms see each batch as a chunk of one client, ``(1, b, ...)``.
+        """
+        sched = round_schedule(ctx, self.cfg.batch_size, self.cfg.epochs, self.cfg.use_gradient)
+        global_params, client_ids = ctx.global_params, ctx.client_ids
         N = len(client_ids)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
@@ -47,9 +53,14 @@ class LoopTrainer:
         for i, cid in enumerate(client_ids):
             self._load(global_params)
             rows = self.packed.client_indices(cid)
-            poison = self.label_poison if poisoned is not None and bool(poisoned[i]) else None
+            row = torch.tensor([i], device=self.device)
+
+            def batch(gidx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                x, y = apply_transforms(ctx, transforms, self.packed.x[gidx][None], self.packed.y[gidx][None], row)
+                return x[0], y[0]
+
             if self.cfg.use_gradient:
-                U[i], losses[i] = self._full_gradient(rows, poison)
+                U[i], losses[i] = self._full_gradient(rows, batch)
                 continue
             opt = self._optimizer()
             total, steps = 0.0, 0
@@ -57,10 +68,9 @@ class LoopTrainer:
                 m = sched.mask[i, t]
                 if not bool(m.any()):
                     continue
-                gidx = rows[sched.pos[i, t][m].to(self.device)]
-                y = self.packed.y[gidx] if poison is None else poison(self.packed.y[gidx])
+                x, y = batch(rows[sched.pos[i, t][m].to(self.device)])
                 opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(self.model(self.packed.x[gidx]), y)
+                loss = F.cross_entropy(self.model(x), y)
                 loss.backward()
                 opt.step()
                 total += float(loss.detach())
@@ -69,14 +79,13 @@ class LoopTrainer:
             losses[i] = total / max(steps, 1)
         return LocalResult(U, losses, self.strategy, 1)
 
-    def _full_gradient(self, rows: torch.Tensor, poison=None) -> tuple[torch.Tensor, float]:
+    def _full_gradient(self, rows: torch.Tensor, batch) -> tuple[torch.Tensor, float]:
         B = self.cfg.batch_size
         self.model.zero_grad(set_to_none=True)
         total = 0.0
         for lo in range(0, len(rows), B):
-            idx = rows[lo : lo + B]
-            y = self.packed.y[idx] if poison is None else poison(self.packed.y[idx])
-            loss = F.cross_entropy(self.model(self.packed.x[idx]), y, reduction="sum")
+            x, y = batch(rows[lo : lo + B])
+            loss = F.cross_entropy(self.model(x), y, reduction="sum")
             loss.backward()
             total += float(loss.detach())
         g = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])

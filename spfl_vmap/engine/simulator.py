@@ -6,24 +6,28 @@ One round, as in DESIGN.md section 3:
     3. broadcast the global model to stacked parameters ``[N, ...]``;
     4. local training (vectorized, or the reference loop);
     5. updates ``U [N, D]`` (trained - global, or gradients with ``--use_gradient``);
-    6. attacks rewrite malicious rows of ``U`` (module issues);
-    7. client-side defenses (module issues);
+    6. attacks rewrite malicious rows of ``U``;
+    7. client-side defenses;
     8. aggregation to ``[D]``;
-    9. server-side defenses and the server optimizer step;
-    10. evaluate, log, account privacy.
+    9. server-side stages and the server optimizer step;
+    10. account, audit, evaluate, log.
 
-All randomness is a function of ``(seed, round, client)``, so a run resumed from a checkpoint
-continues bit-identically: the checkpoint only needs the global model, the server optimizer and
-aggregator state, and the round number.
+The loop names no module: steps 1, 4 and 6-10 call the stages of a
+:class:`~spfl_vmap.stages.Pipeline` that a builder (``spfl_vmap.builder.build``) assembles from
+the config. All randomness is a function of ``(seed, purpose, round, client)``, so a run resumed
+from a checkpoint continues bit-identically: the checkpoint needs the global model, the server
+optimizer, every stage's state and the round number.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,13 +36,12 @@ from torch.func import functional_call
 from ..config import Config
 from ..data import Dataset, load_dataset, pack_clients, partition, partition_stats
 from ..errors import ConfigError, SpflError
-from ..rng import derive_seed, generator
-from .modules import ByzantineStage, PrivacyStage
-from .local import VmapTrainer
-from .loop import LoopTrainer
+from ..stages import BuildEnv, Metrics, Pipeline, RoundContext, Stage
+from .local import Trainer
 from .optim import ServerOptimizer
 from .params import ParamSpec, Params, init_model
-from .schedule import make_schedule
+
+Builder = Callable[[Config, BuildEnv], tuple[Trainer, Pipeline]]
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -57,6 +60,7 @@ class History:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    model_state: dict[str, torch.Tensor] = field(default_factory=dict)  # the final global model (CPU)
 
     @property
     def final(self) -> dict[str, Any]:
@@ -66,16 +70,19 @@ class History:
         return [r[key] for r in self.rows if key in r]
 
 
-class Simulator:
-    """Step-by-step control of a federated run.
+class RoundLoop:
+    """The round loop over a trainer and a pipeline of stages.
 
-    Example:
-        >>> sim = Simulator(Config(dataset="digits", model="lr", comm_round=3))
-        >>> while not sim.done:
-        ...     metrics = sim.step()
+    ``spfl_vmap.Simulator`` is this loop with ``spfl_vmap.builder.build`` as its builder; use that
+    one unless you assemble the pipeline yourself.
+
+    Args:
+        cfg: The run config.
+        data: A loaded dataset to reuse (else loaded from ``cfg``).
+        build: ``(cfg, env) -> (trainer, pipeline)``.
     """
 
-    def __init__(self, cfg: Config, data: Dataset | None = None) -> None:
+    def __init__(self, cfg: Config, data: Dataset | None = None, *, build: Builder) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         ds = data if data is not None else load_dataset(
@@ -94,21 +101,18 @@ class Simulator:
         self.spec = ParamSpec.of(self.model)
         self.w = self.spec.flatten({k: p.detach() for k, p in self.model.named_parameters()}).clone()  # (D,)
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.effective_server_lr, cfg.server_momentum)
-        self.byz = ByzantineStage(cfg, ds.num_classes)
-        self.privacy = PrivacyStage(cfg, self.counts, len(ds.y_train))
-        if self.privacy.mode == "example":
-            from ..privacy.dpsgd import DPSGDTrainer
-
-            self.trainer = DPSGDTrainer(self.model, self.spec, self.packed, self.privacy.trainer_config(cfg), self.device)
-        else:
-            trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
-            self.trainer = trainer_cls(self.model, self.spec, self.packed, cfg, self.device)
-        self.trainer.label_poison = self.byz.label_poison
-        self.agg_state: dict[str, Any] = {}
+        env = BuildEnv(self.model, self.spec, self.packed, self.counts, ds.num_classes, tuple(ds.input_shape), len(ds.y_train), self.device)
+        self.trainer, self.pipeline = build(cfg, env)
+        self.pipeline.state_dict()  # fails early if two stages share a name
         self.stopped: str | None = None  # why the run ended early (privacy budget)
         self.round = 0  # rounds completed
         self.history = History()
         self.elapsed = 0.0  # wall seconds spent in rounds and evaluation
+        self.eval_keys: set[str] = set()  # metric names the evaluation hooks have reported
+        self.rejected_rounds = 0  # rounds whose aggregate was rejected (model kept)
+        self.consecutive_rejected = 0
+        self.nonfinite_loss_rounds = 0
+        self.diverged = False  # stopped after --max_rejected_rounds consecutive rejected rounds
 
     # ---- properties -----------------------------------------------------------------------
     @property
@@ -123,6 +127,17 @@ class Simulator:
     def num_params(self) -> int:
         return self.spec.dim
 
+    @property
+    def stages(self) -> list[Stage]:
+        return self.pipeline.all_stages()
+
+    def stage(self, name: str) -> Stage:
+        """The pipeline's stage called ``name``."""
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise KeyError(f"no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
     def describe(self) -> dict[str, Any]:
         return {
             "device": str(self.device),
@@ -134,82 +149,111 @@ class Simulator:
             "train_samples": int(len(self.dataset.y_train)),
             "test_samples": int(len(self.dataset.y_test)),
             "partition": self.partition_stats,
-            **self.byz.describe(),
-            **self.privacy.describe(),
+            "stages": [s.name for s in self.stages],
+            **self.pipeline.describe(),
         }
 
     # ---- one round ------------------------------------------------------------------------
     def sample_clients(self, round_idx: int) -> list[int]:
         """Client ids of round ``round_idx`` (1-based), sorted; seeded by (seed, round)."""
-        K, n = self.cfg.client_num_in_total, self.cfg.client_num_per_round
-        if self.privacy.poisson_clients:  # DP-FedAvg: each client joins independently w.p. q
-            keep = torch.rand(K, generator=generator(self.cfg.seed, "sample", round_idx)) < n / K
-            return torch.nonzero(keep).flatten().tolist()
-        if n == K:
-            return list(range(K))
-        perm = torch.randperm(K, generator=generator(self.cfg.seed, "sample", round_idx))
-        return sorted(perm[:n].tolist())
+        return self.pipeline.sampler.sample(round_idx)
+
+    def context(self, round_idx: int, client_ids: list[int] | None = None) -> RoundContext:
+        """The :class:`RoundContext` of round ``round_idx`` for ``client_ids`` (default: the
+        sampled cohort), at the current global model."""
+        ids = self.sample_clients(round_idx) if client_ids is None else list(client_ids)
+        counts = [self.counts[i] for i in ids]
+        return RoundContext(
+            round=round_idx, seed=self.cfg.seed, client_ids=ids, counts=counts,
+            malicious=self.pipeline.adversary.malicious_mask(ids, round_idx).to(self.device),
+            weights=torch.tensor(counts, dtype=self.w.dtype, device=self.device),
+            global_params=self.global_params, spec=self.spec, device=self.device,
+            num_classes=self.dataset.num_classes, population=self.cfg.client_num_in_total,
+            expected_cohort=self.cfg.client_num_per_round, use_gradient=self.cfg.use_gradient,
+            server_lr=self.cfg.effective_server_lr,
+        )
 
     def step(self) -> dict[str, Any]:
         """Run one round; evaluate when due. Returns the round's metrics."""
         if self.done:
             raise SpflError(f"the run has finished all {self.cfg.comm_round} rounds")
-        cfg = self.cfg
+        cfg, p = self.cfg, self.pipeline
         r = self.round + 1
         t0 = time.perf_counter()
-        # 1. sample clients; 2. their data slices are gathered per step from the packed tensors
-        ids = self.sample_clients(r)
-        counts = [self.counts[i] for i in ids]
-        # DP-SGD draws its own Poisson batches; every other trainer follows the shuffled schedule
-        sched = None if self.privacy.mode == "example" else make_schedule(
-            ids, counts, cfg.batch_size, 1 if cfg.use_gradient else cfg.epochs, cfg.seed, r, shuffle=not cfg.use_gradient)
-        malicious = self.byz.malicious_mask(ids, r)  # (N,) bool
-        if not self.privacy.may_train(ids, counts):
-            self.stopped = self.privacy.stop_reason
-            return {"round": r, "stopped": self.stopped}
-        # 3.-5. broadcast, local training (data poisoning inside), updates U (N, D)
-        extra = {"round_idx": r} if self.privacy.mode == "example" else {}  # DP-SGD draws its Poisson batches per round
-        local = self.trainer.train(self.global_params, ids, sched, poisoned=malicious if self.byz.poisons_data else None, **extra)
+        # 1. sample clients (and mark the malicious ones); 2. their data is gathered per step
+        ctx = self.context(r)
+        metrics: dict[str, Any] = {"round": r, "clients": ctx.num_clients}
+        for g in p.guards:  # e.g. the privacy budget: stop before a round that would overspend
+            reason, m = g.before_round(ctx)
+            if reason is not None:
+                self.stopped = reason
+                return {"round": r, "stopped": reason}
+            metrics.update(m)
+        # 3.-5. broadcast, local training (batch transforms inside), updates U (N, D)
+        local = self.trainer.train(ctx, p.batch_transforms)
         U = local.U
-        weights = torch.tensor(counts, dtype=U.dtype, device=U.device)  # (N,)
-        metrics: dict[str, Any] = {"round": r, "clients": len(ids)}
-        # 6. attacks rewrite the malicious rows
-        U, m = self.byz.attack(U, malicious, weights, r)
+        # 6.-7. update stages: attacks, then client-side defenses
+        for s in p.update_stages:
+            U, m = s.apply(ctx, U)
+            metrics.update(m)
+        # 8. aggregation to (D,)
+        agg, m = p.aggregation.apply(ctx, U)
         metrics.update(m)
-        # 7. client-side defenses (local DP: each client clips and noises its own update)
-        U, m = self.privacy.client_side(U, ids, r)
-        metrics.update(m)
-        # 8. aggregation to (D,): DP-FedAvg's clipped noisy sum, or the registered aggregator
-        if self.privacy.mode == "user":
-            agg, m = self.privacy.dp_fedavg(U, r)
-        else:
-            agg, m = self.byz.aggregate(U, weights, malicious, self.agg_state, r)
-        metrics.update(m)
-        # 9. server step: the pseudo-gradient is -update (weights mode) or the gradient itself
-        if not m.get("round_rejected", False):
+        # 9. server stages, then the server step: the pseudo-gradient is -update, or the gradient
+        rejected = bool(m.get("round_rejected", False))
+        self.rejected_rounds += rejected
+        self.consecutive_rejected = self.consecutive_rejected + 1 if rejected else 0
+        if not rejected:
+            for s in p.server_stages:
+                agg, m = s.apply(ctx, agg)
+                metrics.update(m)
             pseudo_grad = agg if cfg.use_gradient else -agg
             self.w = self.server_opt.step(self.w, pseudo_grad)
-        # 10. account privacy for what this round released
-        self.privacy.account(ids, counts, r)
+        # 10. accounting for what the round released, read-only audits of U
+        for g in p.guards:
+            _, m = g.after_round(ctx)
+            metrics.update(m)
+        for a in p.audits:
+            if r % a.every == 0:
+                _, m = a.apply(ctx, U)
+                metrics.update(m)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         train_s = time.perf_counter() - t0
         self.round = r
         metrics.update(
-            train_loss=float(local.train_loss.mean()) if len(ids) else float("nan"),
+            train_loss=float(local.train_loss.mean()) if ctx.num_clients else float("nan"),
             round_s=train_s,
-            clients_per_s=len(ids) / max(train_s, 1e-9),
+            clients_per_s=ctx.num_clients / max(train_s, 1e-9),
         )
+        if ctx.num_clients and not math.isfinite(metrics["train_loss"]):
+            self.nonfinite_loss_rounds += 1
+        K = cfg.max_rejected_rounds
+        if K and self.consecutive_rejected >= K:
+            self.diverged = True
+            self.stopped = (f"diverged: {K} consecutive rounds were rejected (every update, or the aggregate, was "
+                            f"NaN/Inf), so the model stopped changing; lower --lr or check the attack "
+                            f"(--max_rejected_rounds sets K)")
         # 10. evaluate and log
         if r % cfg.frequency_of_the_test == 0 or r == cfg.comm_round:
-            acc, loss = self.evaluate()
-            metrics.update(test_acc=acc, test_loss=loss)
-            metrics.update(self.privacy.report(r))
+            metrics.update(self.evaluation(ctx))
         self.elapsed += time.perf_counter() - t0
         metrics["wall_s"] = self.elapsed
         if "test_acc" in metrics:
             self.history.rows.append(metrics)
         return metrics
+
+    def evaluation(self, ctx: RoundContext | None = None) -> Metrics:
+        """Test accuracy and loss of the global model, plus every evaluation hook's metrics."""
+        acc, loss = self.evaluate()
+        out: Metrics = {"test_acc": acc, "test_loss": loss}
+        ctx = ctx if ctx is not None else self.context(self.round, [])
+        params = self.global_params
+        for h in self.pipeline.eval_hooks:
+            _, m = h.evaluate(ctx, self.model, params)
+            self.eval_keys.update(m)
+            out.update(m)
+        return out
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -232,10 +276,12 @@ class Simulator:
             "w": self.w.detach().cpu().clone(),
             "server_opt": {k: v.cpu() for k, v in self.server_opt.state_dict().items()},
             "elapsed": self.elapsed,
-            "agg_state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.agg_state.items()},
-            "privacy": self.privacy.state_dict(),
+            "stages": self.pipeline.state_dict(),
+            "rejected_rounds": self.rejected_rounds,
+            "consecutive_rejected": self.consecutive_rejected,
+            "nonfinite_loss_rounds": self.nonfinite_loss_rounds,
             "config": self.cfg.to_dict(),
-            "rng": "all randomness is derived from (seed, round, client); no generator state to save",
+            "rng": "all randomness is derived from (seed, purpose, round, client); no generator state to save",
         }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
@@ -245,8 +291,10 @@ class Simulator:
         self.w = sd["w"].to(self.device).clone()
         self.server_opt.load_state_dict({k: v.to(self.device) for k, v in sd["server_opt"].items()})
         self.elapsed = float(sd.get("elapsed", 0.0))
-        self.agg_state = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in sd.get("agg_state", {}).items()}
-        self.privacy.load_state_dict(sd.get("privacy", {}))
+        self.pipeline.load_state_dict(sd["stages"] if "stages" in sd else legacy_stage_state(sd))
+        self.rejected_rounds = int(sd.get("rejected_rounds", 0))
+        self.consecutive_rejected = int(sd.get("consecutive_rejected", 0))
+        self.nonfinite_loss_rounds = int(sd.get("nonfinite_loss_rounds", 0))
 
     def save_checkpoint(self, run_dir: str | Path) -> Path:
         """Write the checkpoint atomically (temp file + rename)."""
@@ -262,4 +310,41 @@ class Simulator:
         path = Path(run_dir) / CHECKPOINT
         if not path.is_file():
             raise SpflError(f"no checkpoint in {run_dir}: expected {path} (was the run started with --checkpoint_every?)")
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        sd = read_checkpoint(path)
+        try:
+            self.load_state_dict(sd)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise SpflError(f"{path} does not fit this run ({type(e).__name__}: {str(e)[:120]}); it was written by another configuration or version") from None
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict; a damaged file (empty, truncated, garbage, wrong contents) is a
+    one-line :class:`SpflError`, not a traceback."""
+    def damaged(why: str) -> SpflError:
+        return SpflError(f"{path} is damaged ({why}); restore a copy, or delete the run directory and start a new run")
+
+    if path.stat().st_size == 0:
+        raise damaged("empty file")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, ValueError, OSError, AttributeError, ImportError) as e:
+        text = str(e)
+        why = ("truncated, or not a torch checkpoint" if "zip archive" in text or isinstance(e, EOFError)
+               else "unreadable contents" if "Weights only load failed" in text or isinstance(e, pickle.UnpicklingError)
+               else (text.splitlines()[0][:100] if text else type(e).__name__))
+        raise damaged(why) from None
+    need = ("round", "w", "server_opt")
+    if not isinstance(sd, dict) or any(k not in sd for k in need) or not isinstance(sd["w"], torch.Tensor):
+        raise damaged(f"not a spfl checkpoint: expected a dict with {', '.join(need)}")
+    return sd
+
+
+def legacy_stage_state(sd: dict[str, Any]) -> dict[str, Any]:
+    """Stage states of a checkpoint written before the stage pipeline (aggregator state and the
+    privacy module's accountant, sigma and clip under top-level keys)."""
+    out: dict[str, Any] = {"aggregator": {"state": sd.get("agg_state", {})}}
+    priv = sd.get("privacy") or {}
+    if priv:
+        out["privacy"] = {"accountant": priv["accountant"], "sigma": priv["sigma"]}
+        out["dp_fedavg"] = {"clip": priv["clip"]}
+    return out

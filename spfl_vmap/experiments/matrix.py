@@ -1,4 +1,4 @@
-"""``spfl matrix``: every attack x defense pair on one configuration.
+"""The attack x defense matrix (``spfl matrix``): every pair on one configuration.
 
 The dataset is loaded once and shared by all runs (partition and packing are cheap and
 depend only on the seed); each pair is a full run with its own aggregator and attack.
@@ -12,18 +12,18 @@ import csv
 import inspect
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .cli import OneLineParser, add_config_flags, config_from_args, print_table, register_command
-from .data import load_dataset
-from .config import parse_params
-from .errors import ConfigError, SpflError
+import numpy as np
+
+from ..config import ENGINE_KWARGS, parse_params
+from ..data import load_dataset
+from ..errors import ConfigError, SpflError
+from ..runner import run
 
 
 def params_for(registry, name: str, params: dict[str, Any]) -> str:
     """The subset of ``params`` that ``name`` accepts, as a ``k=v`` string."""
-    from .config import ENGINE_KWARGS
-
     accepted = set(inspect.signature(registry.get(name)).parameters) - ENGINE_KWARGS
     return ",".join(f"{k}={v}" for k, v in params.items() if k in accepted)
 
@@ -40,8 +40,6 @@ def split_params(registry, names: list[str], text: str, flag: str) -> dict[str, 
 
 def run_matrix(base, attacks: list[str], defenses: list[str], out: Path, log=print,
                attack_params: dict[str, str] | None = None, defense_params: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    from .engine.runner import run
-
     data = load_dataset(base.dataset, base.data_dir, base.download,
                         synthetic_train=base.synthetic_train, synthetic_test=base.synthetic_test)
     rows: list[dict[str, Any]] = []
@@ -84,11 +82,10 @@ def write_outputs(rows: list[dict[str, Any]], attacks: list[str], defenses: list
         lines += ["", "n/a: " + "; ".join(f"{r['attack']} x {r['defense']}: {r['error']}" for r in errs)]
     (out / "matrix.md").write_text("\n".join(lines) + "\n")
 
-    import matplotlib
+    import matplotlib  # heavy: imported when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     M = np.array([[cell[(a, d)]["final_test_acc"] if cell[(a, d)]["final_test_acc"] != "" else np.nan for d in defenses] for a in attacks])
     fig, ax = plt.subplots(figsize=(1.1 * len(defenses) + 2.5, 0.55 * len(attacks) + 1.8))
@@ -104,39 +101,3 @@ def write_outputs(rows: list[dict[str, Any]], attacks: list[str], defenses: list
     fig.tight_layout()
     fig.savefig(out / "matrix.png", dpi=110)
     plt.close(fig)
-
-
-@register_command("matrix", "attack x defense matrix of final accuracy (CSV, Markdown, heatmap)")
-def cmd_matrix(argv: Sequence[str]) -> int:
-    p = OneLineParser(prog="spfl matrix", description="Run every attack x defense pair.")
-    p.add_argument("--attacks", required=True, help="comma-separated attack names (include none for the baseline)")
-    p.add_argument("--defenses", required=True, help="comma-separated aggregator names")
-    p.add_argument("--config", help="YAML/JSON file of run flags")
-    add_config_flags(p)
-    ns = p.parse_args(argv)
-    from .aggregators import AGGREGATORS
-    from .attacks import ATTACKS
-
-    attacks = [a.strip() for a in ns.attacks.split(",") if a.strip()]
-    defenses = [d.strip() for d in ns.defenses.split(",") if d.strip()]
-    for a in attacks:
-        ATTACKS.get(a)
-    for d in defenses:
-        AGGREGATORS.get(d)
-    if not attacks or not defenses:
-        raise ConfigError("--attacks and --defenses need at least one name each")
-    attack_params = split_params(ATTACKS, attacks, getattr(ns, "by_attack_params", ""), "--by_attack_params")
-    defense_params = split_params(AGGREGATORS, defenses, getattr(ns, "by_defense_params", ""), "--by_defense_params")
-    ns.by_attack_params = ns.by_defense_params = ""  # applied per pair below
-    base = config_from_args(ns)
-    if base.num_byzantine == 0 and any(a != "none" for a in attacks):
-        raise ConfigError("attacks need Byzantine clients: add --by_frac F or --by_workers K")
-    out = Path(base.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-matrix")
-    out.mkdir(parents=True, exist_ok=True)
-    title = (f"{base.dataset} {base.model}, {base.client_num_per_round}/{base.client_num_in_total} clients, "
-             f"{base.comm_round} rounds, {base.num_byzantine} Byzantine, {base.partition_method}")
-    rows = run_matrix(base, attacks, defenses, out, attack_params=attack_params, defense_params=defense_params)
-    write_outputs(rows, attacks, defenses, out, title)
-    print((out / "matrix.md").read_text())
-    print_table([("csv", str(out / "matrix.csv")), ("heatmap", str(out / "matrix.png"))])
-    return 0

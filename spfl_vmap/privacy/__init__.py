@@ -1,5 +1,6 @@
-"""Differential privacy: accounting (this package's ``accountant``), noise scales, the
-``spfl privacy-epsilon`` command. Opacus is imported lazily, on the first epsilon computed."""
+"""Differential privacy maths (the pure layer): accounting, noise scales, DP-SGD sampling and
+clipping. Opacus is imported lazily, on the first epsilon computed. The round stages that use
+these are in ``spfl_vmap.modules.privacy``."""
 
 from .accountant import (
     ACCOUNTANTS,
@@ -39,9 +40,8 @@ __all__ = [
     "would_exceed",
 ]
 
-# Example-level DP-SGD (Abadi et al. 2016), vectorized over clients and samples.
+# Example-level DP-SGD maths (Abadi et al. 2016); the trainer is spfl_vmap.modules.dpsgd.
 from .dpsgd import (  # noqa: E402
-    DPSGDTrainer,
     client_noise,
     client_poisson_masks,
     dpsgd_num_steps,
@@ -53,7 +53,6 @@ from .dpsgd import (  # noqa: E402
 )
 
 __all__ += [
-    "DPSGDTrainer",
     "client_noise",
     "client_poisson_masks",
     "dpsgd_num_steps",

@@ -49,19 +49,15 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, vmap
 
-from ..data.packing import PackedClients
-from ..engine.local import LocalResult, VmapTrainer, activation_numel, available_memory
-from ..engine.params import ParamSpec, Params
-from ..engine.schedule import Schedule
-from ..errors import ConfigError
 from ..rng import generator
+
+Params = dict[str, torch.Tensor]
 
 CLIP_EPS = 1e-6  # added to per-sample norms before dividing (Opacus' convention)
 
@@ -191,7 +187,7 @@ def poisson_batches(client_ids: Sequence[int], counts: Sequence[int], batch_size
     return DPBatches(pos, mask, active, divisor)
 
 
-def schedule_batches(sched: Schedule) -> DPBatches:
+def schedule_batches(sched: Any) -> DPBatches:
     """The engine's deterministic schedule as :class:`DPBatches`, divided by the realised size."""
     return DPBatches(sched.pos, sched.mask, sched.active, None)
 
@@ -238,190 +234,6 @@ def clip_and_sum(grads: Params, weights: torch.Tensor, clip: float | torch.Tenso
     norms = per_sample_norms(grads)  # (n, L)
     f = clip_factors(norms, clip) * weights  # (n, L)
     return {k: torch.einsum("nl,nl...->n...", f, g) for k, g in grads.items()}, norms
-
-
-# --------------------------------------------------------------------------------------------
-# The vectorized trainer
-# --------------------------------------------------------------------------------------------
-
-
-def dpsgd_auto_chunk(model: nn.Module, input_shape: tuple[int, ...], max_batch: int, opt_slots: int, device: torch.device, n: int) -> int:
-    """Largest client chunk whose DP-SGD state fits in a quarter (CPU) / half (CUDA) of free memory.
-
-    Per client: parameters, the gradient sum, noise, a new copy and optimizer state (``P`` each),
-    and per step ``L`` samples' per-sample gradients plus two temporaries of that size (squares
-    for the norms, the einsum), activations and inputs.
-    """
-    P = sum(p.numel() for p in model.parameters())
-    act = activation_numel(model, input_shape)
-    per_client = 4 * (P * (4 + opt_slots) + max_batch * (3 * P + 3 * act + math.prod(input_shape)))
-    budget = available_memory(device) // (2 if device.type == "cuda" else 4)
-    return max(1, min(n, budget // max(per_client, 1)))
-
-
-class DPSGDTrainer(VmapTrainer):
-    """Example-level DP-SGD (Abadi et al. 2016) in every client, all clients at once.
-
-    Same contract as :class:`VmapTrainer`: ``train(global_params, client_ids, sched)`` returns the
-    ``[N, D]`` update matrix. Reads from ``cfg``, besides what ``VmapTrainer`` reads
-    (``client_optimizer, lr, momentum, wd, strategy, client_chunk, batch_size,
-    client_num_per_round``): ``grad_norm`` (clip C, may be inf when ``dp_sigma`` is 0),
-    ``dp_sigma`` (noise multiplier), ``epochs`` and ``seed``.
-
-    Args:
-        model: The global model's module (used functionally; its weights are not touched).
-        spec: Parameter layout.
-        packed: Client data packed once.
-        cfg: Run config.
-        device: Where training runs.
-        poisson: Poisson-sample each step's batch and divide by the expected batch size (DP-SGD
-            proper). ``False`` trains on the ``sched`` passed to :meth:`train` and divides by the
-            realised batch size (see the module docstring).
-    """
-
-    def __init__(self, model: nn.Module, spec: ParamSpec, packed: PackedClients, cfg, device: torch.device, poisson: bool = True) -> None:
-        if getattr(cfg, "use_gradient", False):
-            raise ConfigError("DP-SGD trains locally; it cannot be combined with --use_gradient")
-        super().__init__(model, spec, packed, cfg, device)
-        self.clip = float(getattr(cfg, "grad_norm", 1.0))
-        sigma = getattr(cfg, "dp_sigma", None)
-        self.sigma = 1.0 if sigma is None else float(sigma)  # the config's default multiplier
-        if not self.clip > 0:
-            raise ConfigError(f"--grad_norm must be > 0 for DP-SGD, got {self.clip}")
-        if self.sigma < 0 or not math.isfinite(self.sigma):
-            raise ConfigError(f"--dp_sigma must be finite and >= 0, got {self.sigma}")
-        if self.sigma > 0 and not math.isfinite(self.clip):
-            raise ConfigError("DP-SGD noise sigma * C needs a finite --grad_norm")
-        self.poisson = poisson
-        self.batch_size, self.epochs, self.seed = cfg.batch_size, cfg.epochs, cfg.seed
-        self._opt_slots = {"sgd": 1 if cfg.momentum else 0, "adam": 2}[cfg.client_optimizer]
-        self._rounds_seen = 0
-        per_sample = grad_and_value(self._sample_loss)
-        # Nested vmap for every model and device. Per-sample weight gradients of a conv are a
-        # grouped conv over samples anyway, so vmapping the clients as well costs nothing extra;
-        # measured on 2 CPU cores (cnn, 8x8 digits, L=10): 50 ms for one client, 81 ms for four,
-        # and 220 ms for one client with a single vmap over samples against shared weights.
-        # ``--strategy loop`` only means chunks of one client here.
-        self._ps_grad_clients = vmap(vmap(per_sample, in_dims=(None, 0, 0)), in_dims=(0, 0, 0))
-        self.strategy = "dpsgd-loop" if cfg.strategy == "loop" else "dpsgd-vmap"
-
-    # ---- accounting helpers ---------------------------------------------------------------
-    def sample_rates(self, counts: Sequence[int]) -> list[float]:
-        """``q_k = min(1, B / n_k)`` for clients with ``counts`` samples (for the accountant)."""
-        return sample_rates(counts, self.batch_size)
-
-    def steps_per_client(self, counts: Sequence[int]) -> list[int]:
-        """DP-SGD steps each client takes in one round: ``epochs * ceil(n_k / B)``."""
-        return steps_per_client(counts, self.batch_size, self.epochs)
-
-    # ---- per-sample gradients ---------------------------------------------------------------
-    def _sample_loss(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(self.model, params, (x[None],))  # (1, classes)
-        return F.cross_entropy(logits, y[None])
-
-    def per_sample_grads(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> tuple[Params, torch.Tensor]:
-        """Per-sample gradients and losses of stacked clients.
-
-        Args:
-            params: ``{k: (n, *shape)}`` stacked parameters.
-            x: ``(n, L, *input)`` samples.
-            y: ``(n, L)`` labels.
-
-        Returns:
-            ``({k: (n, L, *shape)}, (n, L) losses)``.
-        """
-        return self._ps_grad_clients(params, x, y)
-
-    # ---- training ---------------------------------------------------------------------------
-    def train(
-        self,
-        global_params: Params,
-        client_ids: list[int],
-        sched: Optional[Schedule] = None,
-        poisoned: Optional[torch.Tensor] = None,
-        round_idx: Optional[int] = None,
-    ) -> LocalResult:
-        """Run DP-SGD local training for ``client_ids``; returns the ``[N, D]`` update matrix.
-
-        Args:
-            global_params: ``{k: (*shape)}`` global model.
-            client_ids: The ``N`` sampled clients.
-            sched: The engine's schedule; used only with ``poisson=False``.
-            poisoned: ``(N,)`` bool, clients that train on ``self.label_poison(y)`` (as in
-                :meth:`VmapTrainer.train`).
-            round_idx: Round number seeding the Poisson masks and the noise. The simulator
-                should pass it: a resumed run then stays bit-identical, where the fallback
-                (``None``: count the calls to ``train`` from 1) restarts at round 1 and would
-                reuse that round's noise.
-
-        Returns:
-            :class:`LocalResult` with ``U (N, D)`` and the mean loss over each client's steps.
-        """
-        self._rounds_seen += 1
-        r = self._rounds_seen if round_idx is None else int(round_idx)
-        N = len(client_ids)
-        if self.poisson:
-            counts = [int(c) for c in self.packed.counts[torch.tensor(client_ids, device=self.packed.counts.device)].tolist()]
-            batches = poisson_batches(client_ids, counts, self.batch_size, self.epochs, self.seed, r)
-        else:
-            if sched is None:
-                raise ValueError("poisson=False trains on the schedule passed to train(); got None")
-            batches = schedule_batches(sched)
-        if self.strategy == "dpsgd-loop":
-            self.chunk = 1
-        elif self.cfg.client_chunk:
-            self.chunk = self.cfg.client_chunk
-        else:
-            self.chunk = dpsgd_auto_chunk(self.model, tuple(self.packed.x.shape[1:]), batches.max_batch, self._opt_slots, self.device, N)
-        U = torch.empty(N, self.spec.dim, device=self.device)
-        losses = torch.empty(N, device=self.device)
-        for lo in range(0, N, self.chunk):
-            hi = min(N, lo + self.chunk)
-            # label poisoning goes through VmapTrainer._batch, which reads self._poison
-            self._poison = None if poisoned is None or not bool(poisoned[lo:hi].any()) else poisoned[lo:hi].to(self.device)
-            U[lo:hi], losses[lo:hi] = self._dp_chunk(global_params, client_ids[lo:hi], batches.select(slice(lo, hi)), r)
-        self._poison = None
-        return LocalResult(U, losses, self.strategy, self.chunk)
-
-    def _dp_chunk(self, global_params: Params, client_ids: list[int], b: DPBatches, round_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n, D, dev = len(client_ids), self.spec.dim, self.device
-        ids = torch.tensor(client_ids, device=dev)
-        rows = self.packed.index[ids]  # (n, n_max)
-        params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
-        state = self.opt.init(params)
-        # host-side decisions: which steps run, how many columns each step needs (no device sync)
-        active_cpu = b.active
-        sizes_cpu = b.mask.sum(2)  # (n, T) realised batch sizes
-        width_cpu = (b.mask * torch.arange(1, b.max_batch + 1)).amax(2)  # (n, T) last included + 1
-        pos, mask, active = b.pos.to(dev), b.mask.to(dev), b.active.to(dev)
-        divisor = None if b.divisor is None else b.divisor.to(dev)[:, None]  # (n, 1)
-        gens = [noise_generator(self.seed, round_idx, c, dev) for c in client_ids] if self.sigma > 0 else []
-        noise = torch.zeros(n, D, device=dev)
-        loss_sum = torch.zeros(n, device=dev)
-        loss_steps = torch.zeros(n, device=dev)
-        for t in range(b.num_steps):
-            act_t = active_cpu[:, t]
-            if not bool(act_t.any()):
-                continue
-            L_t = max(1, int(width_cpu[:, t].max()))
-            x, y = self._batch(rows, pos[:, t, :L_t])  # (n, L, ...), (n, L)
-            m = mask[:, t, :L_t].to(x.dtype)  # (n, L)
-            grads, sample_losses = self.per_sample_grads(params, x, y)  # {k: (n, L, *s)}, (n, L)
-            summed, _ = clip_and_sum(grads, m, self.clip)  # {k: (n, *s)}
-            if self.sigma > 0:
-                for i in range(n):  # per-client generators, drawn outside vmap, active steps only
-                    if act_t[i]:
-                        noise[i] = draw_noise(gens[i], D, dev)
-                noisy = self.spec.flatten(summed, stacked=True) + (self.sigma * self.clip) * noise  # (n, D)
-                summed = self.spec.unflatten(noisy)
-            div = divisor if divisor is not None else m.sum(1, keepdim=True).clamp(min=1.0)  # (n, 1)
-            grads_t = {k: g / div.reshape(n, *([1] * (g.dim() - 1))) for k, g in summed.items()}
-            params, state = self.opt.step(params, grads_t, state, active[:, t])
-            nonempty = (sizes_cpu[:, t] > 0).to(dev, loss_sum.dtype)  # (n,)
-            loss_sum += (sample_losses * m).sum(1) / m.sum(1).clamp(min=1.0) * nonempty
-            loss_steps += nonempty
-        U = self.spec.flatten(params, stacked=True) - self.spec.flatten(global_params)[None]
-        return U, loss_sum / loss_steps.clamp(min=1.0)
 
 
 # --------------------------------------------------------------------------------------------

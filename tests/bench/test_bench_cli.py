@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from spfl_vmap.bench_cli import REF, bench_engine, build_workload, make_trainers, time_trainers
+from spfl_vmap.experiments.bench import REF, bench_engine, build_workload, make_trainers, time_trainers
 from spfl_vmap.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]

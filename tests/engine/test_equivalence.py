@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from helpers import final_params, rel_err, small_config
 from spfl_vmap import Simulator
-from spfl_vmap.engine.schedule import make_schedule
 from spfl_vmap.rng import generator
 
 RTOL = 1e-5  # relative error of the final float32 parameters (issue: <= 1e-5)
@@ -64,8 +63,7 @@ def test_gradient_mode_equals_full_local_gradient():
     cfg = small_config(model="lr", use_gradient=True, batch_size=7)
     sim = Simulator(cfg)
     ids = sim.sample_clients(1)
-    sched = make_schedule(ids, [sim.counts[i] for i in ids], cfg.batch_size, 1, cfg.seed, 1, shuffle=False)
-    U = sim.trainer.train(sim.global_params, ids, sched).U
+    U = sim.trainer.train(sim.context(1, ids)).U  # FedSGD: one unshuffled pass over each client
     model = sim.model
     for row, cid in zip(U, ids):
         idx = sim.packed.client_indices(cid)
@@ -74,7 +72,7 @@ def test_gradient_mode_equals_full_local_gradient():
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         assert rel_err(row, g) < 1e-5
     loop = Simulator(cfg.replace(engine="loop"))
-    U_loop = loop.trainer.train(loop.global_params, ids, sched).U
+    U_loop = loop.trainer.train(loop.context(1, ids)).U
     assert rel_err(U, U_loop) < 1e-5
 
 
@@ -108,10 +106,8 @@ def test_masked_steps_leave_small_clients_unchanged():
     sim = Simulator(cfg)
     ids = sim.sample_clients(1)
     counts = [sim.counts[i] for i in ids]
-    sched = make_schedule(ids, counts, cfg.batch_size, 1, cfg.seed, 1)
     small = counts.index(min(counts))
     # train the smallest client alone: padding steps of the cohort must not matter
-    alone = make_schedule([ids[small]], [counts[small]], cfg.batch_size, 1, cfg.seed, 1)
-    U_all = sim.trainer.train(sim.global_params, ids, sched).U
-    U_one = sim.trainer.train(sim.global_params, [ids[small]], alone).U
+    U_all = sim.trainer.train(sim.context(1, ids)).U
+    U_one = sim.trainer.train(sim.context(1, [ids[small]])).U
     assert rel_err(U_all[small], U_one[0]) < 1e-6

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from helpers import final_params, rel_err, small_config
+from helpers import Killed, final_params, kill_at, rel_err, small_config
 from spfl_vmap import Simulator, run
 from spfl_vmap.aggregators import AGGREGATORS
-from spfl_vmap.engine.runner import MetricsLog
+from spfl_vmap.runner import MetricsLog
 
 
 def byz_config(**kw):
@@ -33,17 +33,17 @@ def test_malformed_updates_never_reach_the_model(attack, defense):
 def test_fixed_malicious_set_is_sampled_like_anyone():
     cfg = byz_config(client_num_in_total=40, client_num_per_round=10, by_attack="gaussian", by_frac=0.25, synthetic_train=600)
     sim = Simulator(cfg)
-    assert int(sim.byz.malicious_ids.sum()) == 10
-    seen = [int(sim.byz.malicious_mask(sim.sample_clients(r), r).sum()) for r in range(1, 30)]
+    assert int(sim.stage("adversary").malicious_ids.sum()) == 10
+    seen = [int(sim.pipeline.adversary.malicious_mask(sim.sample_clients(r), r).sum()) for r in range(1, 30)]
     assert min(seen) < max(seen)  # cohorts hold varying numbers of attackers
     again = Simulator(cfg)
-    assert torch.equal(sim.byz.malicious_ids, again.byz.malicious_ids)
+    assert torch.equal(sim.stage("adversary").malicious_ids, again.stage("adversary").malicious_ids)
 
 
 def test_per_round_mode_has_exact_count():
     sim = Simulator(byz_config(by_attack="sign_flip", by_workers=4, by_mode="per_round"))
     for r in range(1, 6):
-        assert int(sim.byz.malicious_mask(sim.sample_clients(r), r).sum()) == 4
+        assert int(sim.pipeline.adversary.malicious_mask(sim.sample_clients(r), r).sum()) == 4
 
 
 def test_label_flip_poisoning_matches_between_engines():
@@ -75,7 +75,7 @@ def test_user_level_clipping_bounds_each_contribution():
     cfg = byz_config(dp_mode="user", dp_sigma=1e-9, grad_norm=0.05, client_num_per_round=8)
     sim = Simulator(cfg)
     U = torch.randn(5, sim.spec.dim) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0])[:, None]
-    agg, m = sim.privacy.dp_fedavg(U, 1)
+    agg, m = sim.pipeline.aggregation.apply(sim.context(1, []), U)
     norms = U.norm(dim=1, keepdim=True)
     expect = (U * torch.clamp(0.05 / (norms + 1e-6), max=1.0)).sum(0) / 8
     assert torch.allclose(agg, expect, atol=1e-6)
@@ -86,7 +86,7 @@ def test_user_level_noise_has_sigma_S_over_cohort():
     cfg = byz_config(dp_mode="user", dp_sigma=2.0, grad_norm=0.5, client_num_per_round=8)
     sim = Simulator(cfg)
     U = torch.zeros(3, sim.spec.dim)
-    noise = torch.cat([sim.privacy.dp_fedavg(U, r)[0] for r in range(1, 40)])  # (39 D,) pure noise
+    noise = torch.cat([sim.pipeline.aggregation.apply(sim.context(r, []), U)[0] for r in range(1, 40)])  # (39 D,) pure noise
     n = noise.numel()
     target = 2.0 * 0.5 / 8
     # sample std of n normals: relative standard error 1/sqrt(2n); 5 sigma bound
@@ -122,15 +122,8 @@ def test_example_level_dp_resume_is_bit_identical(tmp_path):
                      checkpoint_every=1)
     full = run(cfg.replace(out=str(tmp_path / "full")))
 
-    class Killed(Exception):
-        pass
-
-    def kill(m):
-        if m["round"] == 2:
-            raise Killed
-
     with pytest.raises(Killed):
-        run(cfg.replace(out=str(tmp_path / "cut")), on_round=kill)
+        run(cfg.replace(out=str(tmp_path / "cut")), on_round=kill_at(2))
     resumed = run(cfg.replace(out=str(tmp_path / "cut")), resume_dir=tmp_path / "cut")
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)

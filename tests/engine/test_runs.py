@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from helpers import small_config
+from helpers import Killed, kill_at, small_config
 from spfl_vmap import Simulator, run
-from spfl_vmap.engine.runner import MetricsLog
+from spfl_vmap.runner import MetricsLog
 
 
 def strip_timing(rows):
@@ -49,15 +49,8 @@ def test_resume_is_bit_identical(tmp_path):
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     full = run(cfg.replace(out=str(full_dir)))
 
-    class Killed(Exception):
-        pass
-
-    def kill_after_3(m):
-        if m["round"] == 3:  # dies after round 3; the last checkpoint is round 2
-            raise Killed
-
-    with pytest.raises(Killed):
-        run(cfg.replace(out=str(cut_dir)), on_round=kill_after_3)
+    with pytest.raises(Killed):  # dies after round 3; the last checkpoint is round 2
+        run(cfg.replace(out=str(cut_dir)), on_round=kill_at(3))
     assert [r["round"] for r in MetricsLog(cut_dir / "metrics.jsonl").read()] == [1, 2, 3]
     resumed = run(cfg.replace(out=str(cut_dir)), resume_dir=cut_dir)
     assert strip_timing(resumed.rows) == strip_timing(full.rows)

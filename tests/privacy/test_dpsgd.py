@@ -24,10 +24,11 @@ from spfl_vmap.data import load_dataset, pack_clients
 from spfl_vmap.data.packing import PackedClients
 from spfl_vmap.engine.local import VmapTrainer
 from spfl_vmap.engine.params import ParamSpec, init_model
-from spfl_vmap.engine.schedule import make_schedule
+from spfl_vmap.modules.byzantine import LabelPoison
+from spfl_vmap.modules.dpsgd import DPSGDTrainer
 from spfl_vmap.privacy import ClientAccountants
+from spfl_vmap.stages import RoundContext
 from spfl_vmap.privacy.dpsgd import (
-    DPSGDTrainer,
     clip_and_sum,
     client_noise,
     client_poisson_masks,
@@ -67,6 +68,15 @@ def make_setup(model: str = "lr", dataset: str = "synthetic", sizes=SIZES, width
     spec = ParamSpec.of(net)
     params = {k: p.detach().clone() for k, p in net.named_parameters()}
     return net, spec, packed, params
+
+
+def ctx_for(packed, spec, params, ids, round_idx: int, seed: int = 3, malicious=None) -> RoundContext:
+    """The round context a trainer gets from the simulator, for clients ``ids`` of ``packed``."""
+    counts = [int(packed.counts[i]) for i in ids]
+    mal = torch.zeros(len(ids), dtype=torch.bool) if malicious is None else malicious
+    return RoundContext(round=round_idx, seed=seed, client_ids=list(ids), counts=counts, malicious=mal,
+                        weights=torch.tensor(counts, dtype=torch.float32), global_params=params, spec=spec, device=CPU,
+                        num_classes=10, population=len(packed.counts), expected_cohort=len(ids))
 
 
 def stacked(params, n: int, scale: float = 0.05, seed: int = 0):
@@ -145,15 +155,15 @@ def test_no_clip_no_noise_equals_plain_training(model, dataset, opt, momentum, w
     net, spec, packed, params = make_setup(model, dataset)
     cfg = make_cfg(client_optimizer=opt, momentum=momentum, wd=wd, lr=lr, grad_norm=math.inf, dp_sigma=0.0, batch_size=7)
     ids = list(range(len(SIZES)))
-    sched = make_schedule(ids, list(SIZES), cfg.batch_size, cfg.epochs, cfg.seed, 1)
-    plain = VmapTrainer(net, spec, packed, cfg, CPU).train(params, ids, sched)
-    dp = DPSGDTrainer(net, spec, packed, cfg, CPU, poisson=False).train(params, ids, sched, round_idx=1)
+    ctx = ctx_for(packed, spec, params, ids, 1, seed=cfg.seed)  # both trainers build the same schedule from it
+    plain = VmapTrainer(net, spec, packed, cfg, CPU).train(ctx)
+    dp = DPSGDTrainer(net, spec, packed, cfg, CPU, poisson=False).train(ctx)
     assert plain.U.norm() > 0
     assert rel_err(dp.U, plain.U) <= 1e-6
     torch.testing.assert_close(dp.train_loss, plain.train_loss, rtol=1e-5, atol=1e-6)
     # and a finite clip does change it (the equality above is not vacuous)
     clipped = DPSGDTrainer(net, spec, packed, make_cfg(**{**vars(cfg), "grad_norm": 0.1}), CPU, poisson=False)
-    assert rel_err(clipped.train(params, ids, sched, round_idx=1).U, plain.U) > 1e-2
+    assert rel_err(clipped.train(ctx).U, plain.U) > 1e-2
 
 
 # ---- noise scale ----------------------------------------------------------------------------
@@ -180,7 +190,7 @@ def test_noise_has_the_right_scale():
     lr, sigma, C, B = 0.1, 1.3, 0.7, 10
     cfg = make_cfg(lr=lr, dp_sigma=sigma, grad_norm=C, batch_size=B, client_num_per_round=len(sizes))
     ids = list(range(len(sizes)))
-    U = DPSGDTrainer(net, spec, packed, cfg, CPU).train(params, ids, None, round_idx=1).U  # (N, D)
+    U = DPSGDTrainer(net, spec, packed, cfg, CPU).train(ctx_for(packed, spec, params, ids, 1, seed=cfg.seed)).U  # (N, D)
     T = torch.tensor([dpsgd_num_steps(n, B, cfg.epochs) for n in sizes], dtype=torch.float32)
     div = torch.tensor([dpsgd_sample_rate(n, B) * n for n in sizes])
     Z = -U * div[:, None] / (lr * sigma * C * T.sqrt()[:, None])  # (N, D) ~ iid N(0, 1)
@@ -238,13 +248,13 @@ def test_poisson_batches_reproducible_and_independent_of_cohort():
 def test_trainer_rows_independent_of_cohort_and_chunk():
     net, spec, packed, params = make_setup("lr")
     cfg = make_cfg(grad_norm=0.5, dp_sigma=0.8, momentum=0.9)
-    full = DPSGDTrainer(net, spec, packed, cfg, CPU).train(params, [0, 1, 2, 3], None, round_idx=2).U
-    sub = DPSGDTrainer(net, spec, packed, cfg, CPU).train(params, [1, 3], None, round_idx=2).U
+    full = DPSGDTrainer(net, spec, packed, cfg, CPU).train(ctx_for(packed, spec, params, [0, 1, 2, 3], 2, seed=cfg.seed)).U
+    sub = DPSGDTrainer(net, spec, packed, cfg, CPU).train(ctx_for(packed, spec, params, [1, 3], 2, seed=cfg.seed)).U
     chunked = DPSGDTrainer(net, spec, packed, make_cfg(**{**vars(cfg), "client_chunk": 1}), CPU)
-    one = chunked.train(params, [0, 1, 2, 3], None, round_idx=2).U
+    one = chunked.train(ctx_for(packed, spec, params, [0, 1, 2, 3], 2, seed=cfg.seed)).U
     assert rel_err(sub[0], full[1]) < 1e-6 and rel_err(sub[1], full[3]) < 1e-6
     assert rel_err(one, full) < 1e-6
-    other_round = DPSGDTrainer(net, spec, packed, cfg, CPU).train(params, [1, 3], None, round_idx=3).U
+    other_round = DPSGDTrainer(net, spec, packed, cfg, CPU).train(ctx_for(packed, spec, params, [1, 3], 3, seed=cfg.seed)).U
     assert rel_err(other_round, sub) > 1e-2
 
 
@@ -287,7 +297,7 @@ def test_vectorized_equals_reference(model, dataset, opt, momentum, wd, lr):
         cfg.epochs = 1
     for strategy in ["vmap", "loop"]:  # loop: chunks of one client
         trainer = DPSGDTrainer(net, spec, packed, make_cfg(**{**vars(cfg), "strategy": strategy}), CPU)
-        res = trainer.train(params, ids, None, round_idx=r)
+        res = trainer.train(ctx_for(packed, spec, params, ids, r, seed=cfg.seed))
         for i, cid in enumerate(ids):
             n_k = SIZES[cid]
             inc = client_poisson_masks(cfg.seed, r, cid, n_k, cfg.batch_size, cfg.epochs)
@@ -312,11 +322,11 @@ def test_config_errors():
 def test_label_poisoning_changes_only_poisoned_rows():
     net, spec, packed, params = make_setup("lr")
     cfg = make_cfg(grad_norm=0.5, dp_sigma=0.8)
-    clean = DPSGDTrainer(net, spec, packed, cfg, CPU).train(params, [0, 1, 2, 3], None, round_idx=1).U
+    clean = DPSGDTrainer(net, spec, packed, cfg, CPU).train(ctx_for(packed, spec, params, [0, 1, 2, 3], 1, seed=cfg.seed)).U
     trainer = DPSGDTrainer(net, spec, packed, cfg, CPU)
-    trainer.label_poison = lambda y: (y + 1) % 10
     poisoned = torch.tensor([False, True, False, False])
-    dirty = trainer.train(params, [0, 1, 2, 3], None, poisoned=poisoned, round_idx=1).U
+    ctx = ctx_for(packed, spec, params, [0, 1, 2, 3], 1, seed=cfg.seed, malicious=poisoned)
+    dirty = trainer.train(ctx, [LabelPoison(lambda y, num_classes: (y + 1) % 10)]).U
     assert rel_err(dirty[~poisoned], clean[~poisoned]) < 1e-6
     assert rel_err(dirty[1], clean[1]) > 1e-2
 

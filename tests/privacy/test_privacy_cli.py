@@ -1,11 +1,11 @@
-"""Tests for ``spfl privacy-epsilon`` (spfl_vmap.privacy.cli_epsilon.privacy_epsilon_main)."""
+"""Tests for ``spfl privacy-epsilon`` (spfl_vmap.cli.privacy_epsilon.privacy_epsilon_main)."""
 
 from __future__ import annotations
 
 import pytest
 
 from spfl_vmap.privacy.accountant import compute_epsilon
-from spfl_vmap.privacy.cli_epsilon import privacy_epsilon_main
+from spfl_vmap.cli.privacy_epsilon import privacy_epsilon_main
 
 OPACUS_ARGS = ["--noise_multiplier", "1.5", "--steps", "2250", "--delta", "1e-5"]
 

@@ -1,0 +1,83 @@
+"""The one place that knows every module: ``Config`` -> trainer + :class:`~spfl_vmap.stages.Pipeline`.
+
+The round loop (``spfl_vmap.engine.simulator.RoundLoop``) sees only the stage protocols. This
+builder asks each module for its stages, picks the trainer, and owns the config rules that span
+modules. A new module adds its ``stages(cfg, env)`` to :data:`MODULES` and its section validator
+to ``spfl_vmap.config.SECTIONS``; a one-off stage can be passed to :class:`Simulator` directly
+(``Simulator(cfg, stages=[...])``) without touching either list.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .config import RULES, Config, need
+from .data import Dataset
+from .engine.local import Trainer, VmapTrainer
+from .engine.loop import LoopTrainer
+from .engine.simulator import RoundLoop
+from .modules import byzantine, privacy
+from .modules.dpsgd import DPSGDTrainer
+from .stages import BuildEnv, Pipeline, Stage, UniformSampler
+
+# name -> the module's stage builder, in pipeline order (attacks before client-side defenses)
+MODULES: dict[str, Callable[[Config, BuildEnv], list[Stage]]] = {
+    "byzantine": byzantine.stages,
+    "privacy": privacy.stages,
+}
+
+
+@RULES.register("dp_user_level_sums")
+def dp_user_level_needs_mean(cfg: Config) -> None:
+    """DP-FedAvg's fused clip-noise-sum is the aggregator: no robust rule can sit beside it."""
+    if privacy.dp_mode(cfg) == "user":
+        need(cfg.by_defense == "mean", "--dp_mode user sums clipped updates; it cannot be combined with a robust --by_defense")
+
+
+def build(cfg: Config, env: BuildEnv, extra_stages: Sequence[Stage] = ()) -> tuple[Trainer, Pipeline]:
+    """The trainer and the pipeline of a run.
+
+    Args:
+        cfg: The validated run config.
+        env: The run's model, parameter layout, packed data and counts.
+        extra_stages: Stages added after the modules' (user-defined stages).
+
+    Returns:
+        ``(trainer, pipeline)``.
+    """
+    stages: list[Stage] = []
+    for make in MODULES.values():
+        stages.extend(make(cfg, env))
+    pipeline = Pipeline(sampler=UniformSampler(cfg.client_num_in_total, cfg.client_num_per_round, cfg.seed),
+                        aggregation=byzantine.RobustAggregation(cfg))
+    pipeline.extend(stages).extend(extra_stages)
+    return make_trainer(cfg, env, pipeline), pipeline
+
+
+def make_trainer(cfg: Config, env: BuildEnv, pipeline: Pipeline) -> Trainer:
+    """DP-SGD at example level (with the accountant's possibly calibrated sigma), else the
+    vectorized trainer or the reference loop."""
+    if privacy.dp_mode(cfg) == "example":
+        accounting = next(s for s in pipeline.guards if isinstance(s, privacy.PrivacyAccounting))
+        return DPSGDTrainer(env.model, env.spec, env.packed, cfg.replace(dp_sigma=accounting.sigma), env.device)
+    trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
+    return trainer_cls(env.model, env.spec, env.packed, cfg, env.device)
+
+
+class Simulator(RoundLoop):
+    """Step-by-step control of a federated run, with every module the config turns on.
+
+    Example:
+        >>> sim = Simulator(Config(dataset="digits", model="lr", comm_round=3))
+        >>> while not sim.done:
+        ...     metrics = sim.step()
+
+    Args:
+        cfg: The run config.
+        data: A loaded dataset to reuse (else loaded from ``cfg``).
+        stages: Extra stages (any of the protocols in ``spfl_vmap.stages``), added after the
+            modules' own.
+    """
+
+    def __init__(self, cfg: Config, data: Dataset | None = None, *, stages: Sequence[Stage] = ()) -> None:
+        super().__init__(cfg, data, build=lambda c, env: build(c, env, stages))

@@ -1,0 +1,191 @@
+"""``spfl matrix``, ``spfl privacy-curve`` and ``spfl bench``: argument parsing over
+``spfl_vmap.experiments``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..aggregators import AGGREGATORS
+from ..attacks import ATTACKS
+from ..config import STRATEGIES
+from ..errors import ConfigError, SpflError
+from ..experiments.bench import bench_engine, bench_scale, format_rows, plot_scale
+from ..experiments.matrix import run_matrix, split_params, write_outputs
+from ..experiments.privacy_curve import privacy_curve, write_curve
+from ..models import MODELS
+from ..modules.byzantine import num_byzantine
+from ..modules.privacy import dp_mode
+from .common import OneLineParser, add_config_flags, config_from_args, print_table
+
+
+def cmd_matrix(argv: Sequence[str]) -> int:
+    p = OneLineParser(prog="spfl matrix", description="Run every attack x defense pair.")
+    p.add_argument("--attacks", required=True, help="comma-separated attack names (include none for the baseline)")
+    p.add_argument("--defenses", required=True, help="comma-separated aggregator names")
+    p.add_argument("--config", help="YAML/JSON file of run flags")
+    add_config_flags(p)
+    ns = p.parse_args(argv)
+
+    attacks = [a.strip() for a in ns.attacks.split(",") if a.strip()]
+    defenses = [d.strip() for d in ns.defenses.split(",") if d.strip()]
+    for a in attacks:
+        ATTACKS.get(a)
+    for d in defenses:
+        AGGREGATORS.get(d)
+    if not attacks or not defenses:
+        raise ConfigError("--attacks and --defenses need at least one name each")
+    attack_params = split_params(ATTACKS, attacks, getattr(ns, "by_attack_params", ""), "--by_attack_params")
+    defense_params = split_params(AGGREGATORS, defenses, getattr(ns, "by_defense_params", ""), "--by_defense_params")
+    ns.by_attack_params = ns.by_defense_params = ""  # applied per pair below
+    base = config_from_args(ns)
+    if num_byzantine(base) == 0 and any(a != "none" for a in attacks):
+        raise ConfigError("attacks need Byzantine clients: add --by_frac F or --by_workers K")
+    out = Path(base.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-matrix")
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"{base.dataset} {base.model}, {base.client_num_per_round}/{base.client_num_in_total} clients, "
+             f"{base.comm_round} rounds, {num_byzantine(base)} Byzantine, {base.partition_method}")
+    rows = run_matrix(base, attacks, defenses, out, attack_params=attack_params, defense_params=defense_params)
+    write_outputs(rows, attacks, defenses, out, title)
+    print((out / "matrix.md").read_text())
+    print_table([("csv", str(out / "matrix.csv")), ("heatmap", str(out / "matrix.png"))])
+    return 0
+
+
+def cmd_privacy_curve(argv: Sequence[str]) -> int:
+    p = OneLineParser(prog="spfl privacy-curve", description="Train at each target epsilon and plot accuracy vs epsilon.")
+    p.add_argument("--epsilons", required=True, help="comma-separated target epsilons, e.g. 0.5,1,2,4,8")
+    p.add_argument("--config", help="YAML/JSON file of run flags")
+    add_config_flags(p)
+    ns = p.parse_args(argv)
+    try:
+        epsilons = [float(e) for e in ns.epsilons.split(",") if e.strip()]
+    except ValueError:
+        raise ConfigError(f"--epsilons must be numbers, got {ns.epsilons!r}") from None
+    if not epsilons or any(not (math.isfinite(e) and e > 0) for e in epsilons):
+        raise ConfigError("--epsilons must be positive numbers")
+    base = config_from_args(ns)
+    if dp_mode(base) == "none":
+        raise ConfigError("privacy-curve needs --dp_mode example, user or local")
+    out = Path(base.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-privacy-curve")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = privacy_curve(base, sorted(epsilons), out)
+    title = f"{base.dataset} {base.model}, dp_mode {dp_mode(base)}, {base.comm_round} rounds"
+    write_curve(rows, out, title)
+    print_table([(f"eps {r['target_epsilon']}", f"acc {r['final_test_acc']:.4f}  sigma {r['noise_multiplier']:.3f}") for r in rows]
+                + [("csv", str(out / "privacy_curve.csv")), ("plot", str(out / "privacy_curve.png"))])
+    return 0
+
+
+def _shape(s: str) -> tuple[int, int, int]:
+    try:
+        c, h, w = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,32,32, got {s!r}") from None
+    return c, h, w
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(v) for v in s.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {s!r}") from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="lr", help="model name (default lr)")
+    p.add_argument("--steps", type=int, default=5, help="local steps per client (each client holds steps*B samples)")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=10, help="local batch size B")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--dataset", default="synthetic", help="synthetic (default) or a real dataset such as fashion_mnist")
+    p.add_argument("--data_dir", "--data-dir", default="./data", help="root of real datasets")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per engine (medians are reported)")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+
+
+def _setup_threads(n: int) -> None:
+    if n:
+        torch.set_num_threads(n)
+
+
+def _check_model(model: str) -> None:
+    if model not in MODELS:
+        raise ConfigError(f"unknown model {model!r}; choose one of: {', '.join(MODELS.names())}")
+
+
+def cmd_bench_engine(argv: Sequence[str]) -> int:
+    p = OneLineParser(prog="spfl bench engine", description="Vectorized engine vs the per-client reference loop on one workload.")
+    _common(p)
+    p.add_argument("--clients", type=int, required=True, help="clients in total")
+    p.add_argument("--per_round", "--per-round", type=int, default=None, help="clients per round (default: all)")
+    p.add_argument("--input_shape", "--input-shape", type=_shape, default=None, help="C,H,W of synthetic data (default 1,28,28)")
+    p.add_argument("--strategies", default="auto", help="comma-separated vectorized strategies to time (default auto), e.g. auto,vmap,loop")
+    p.add_argument("--no_loop", "--no-loop", action="store_true", help="skip the reference loop")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
+    ns = p.parse_args(argv)
+    _check_model(ns.model)
+    if ns.repeats < 1:
+        raise ConfigError("--repeats must be >= 1")
+    strategies = [s for s in ns.strategies.split(",") if s]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad or not strategies:
+        raise ConfigError(f"--strategies must be a comma-separated subset of {STRATEGIES}, got {ns.strategies!r}")
+    _setup_threads(ns.threads)
+    device = "cuda" if ns.device == "auto" and torch.cuda.is_available() else ("cpu" if ns.device == "auto" else ns.device)
+    res = bench_engine(
+        ns.model, ns.clients, ns.per_round, ns.steps, ns.batch_size, device, ns.dataset, ns.input_shape,
+        strategies, ns.repeats, not ns.no_loop, ns.data_dir,
+    )
+    c = res["config"]
+    print(
+        f"spfl bench engine: {c['model']} ({c['num_params']:,} params) on {c['dataset']} {tuple(c['input_shape'])}, "
+        f"{c['per_round']} clients x {c['steps']} steps x batch {c['batch_size']}, {c['device']}, "
+        f"{c['threads']} threads, median of {c['repeats']} alternating calls"
+    )
+    print(format_rows(res["rows"]))
+    if ns.json:
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps(res, indent=2))
+        print(f"wrote {ns.json}")
+    return 0
+
+
+def cmd_bench_scale(argv: Sequence[str]) -> int:
+    p = OneLineParser(prog="spfl bench scale", description="Time per round and clients/s against cohort size.")
+    _common(p)
+    p.set_defaults(steps=1)
+    p.add_argument("--clients", type=_ints, default=[10, 100, 1000, 10000], help="comma-separated cohort sizes")
+    p.add_argument("--loop_max", "--loop-max", type=int, default=1000, help="largest cohort the reference loop runs")
+    p.add_argument("--out", default="bench/results/scale", help="directory for scale.json and scale.png")
+    ns = p.parse_args(argv)
+    _check_model(ns.model)
+    if not ns.clients or min(ns.clients) < 1:
+        raise ConfigError("--clients must list cohort sizes >= 1")
+    _setup_threads(ns.threads)
+    device = "cuda" if ns.device == "auto" and torch.cuda.is_available() else ("cpu" if ns.device == "auto" else ns.device)
+    print(f"spfl bench scale: {ns.model}, {ns.steps} steps x batch {ns.batch_size}, {device}, {torch.get_num_threads()} threads")
+    rows = bench_scale(ns.model, ns.clients, ns.steps, ns.batch_size, device, ns.dataset, ns.loop_max, ns.repeats, log=lambda s: print(s, flush=True))
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"model": ns.model, "steps": ns.steps, "batch_size": ns.batch_size, "device": device, "dataset": ns.dataset,
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    (out / "scale.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
+    plot_scale(rows, out / "scale.png", f"{ns.model} on {device}: {ns.steps} local steps x batch {ns.batch_size}")
+    print(f"wrote {out / 'scale.json'} and {out / 'scale.png'}")
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    subs = {"engine": cmd_bench_engine, "scale": cmd_bench_scale}
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: spfl bench engine|scale [flags]   (spfl bench engine --help)")
+        return 0 if argv else 2
+    if argv[0] not in subs:
+        raise SpflError(f"unknown bench {argv[0]!r}; choose one of: {', '.join(subs)}")
+    return subs[argv[0]](list(argv[1:]))
