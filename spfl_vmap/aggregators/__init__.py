@@ -55,8 +55,7 @@ too)::
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -86,7 +85,6 @@ __all__ = [
     "CC_STATE_KEY",
     "ENGINE_KWARGS",
     "aggregate",
-    "accepted_kwargs",
     "bulyan",
     "centered_clipping",
     "dnc",
@@ -105,19 +103,6 @@ __all__ = [
     "signguard",
     "trimmed_mean",
 ]
-
-
-def accepted_kwargs(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The subset of ``kwargs`` that ``fn`` accepts (all of them if it takes ``**kwargs``).
-
-    Silently drops the rest; :func:`aggregate` and :func:`~spfl_vmap.attacks.attack` use the
-    stricter :func:`~spfl_vmap.aggregators._base.resolve_kwargs` instead.
-    """
-    ps = inspect.signature(fn).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ps):
-        return dict(kwargs)
-    names = {p.name for p in ps}
-    return {k: v for k, v in kwargs.items() if k in names}
 
 
 def aggregate(

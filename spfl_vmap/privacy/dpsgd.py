@@ -47,7 +47,6 @@ an ``nn.Module`` and ``torch.optim``, fed the same masks and noise.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 

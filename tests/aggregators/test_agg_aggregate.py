@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spfl_vmap.aggregators import AGGREGATORS, aggregate, krum
+from spfl_vmap.aggregators import AGGREGATORS, aggregate
 from spfl_vmap.errors import ConfigError
 
 ALL = AGGREGATORS.names()
