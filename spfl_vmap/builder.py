@@ -16,13 +16,14 @@ from .data import Dataset
 from .engine.local import Trainer, VmapTrainer
 from .engine.loop import LoopTrainer
 from .engine.simulator import RoundLoop
-from .modules import byzantine, privacy
+from .modules import backdoor, byzantine, privacy
 from .modules.dpsgd import DPSGDTrainer
 from .stages import BuildEnv, Pipeline, Stage, UniformSampler
 
 # name -> the module's stage builder, in pipeline order (attacks before client-side defenses)
 MODULES: dict[str, Callable[[Config, BuildEnv], list[Stage]]] = {
     "byzantine": byzantine.stages,
+    "backdoor": backdoor.stages,
     "privacy": privacy.stages,
 }
 
@@ -32,6 +33,13 @@ def dp_user_level_needs_mean(cfg: Config) -> None:
     """DP-FedAvg's fused clip-noise-sum is the aggregator: no robust rule can sit beside it."""
     if privacy.dp_mode(cfg) == "user":
         need(cfg.by_defense == "mean", "--dp_mode user sums clipped updates; it cannot be combined with a robust --by_defense")
+
+
+@RULES.register("one_attack_on_malicious_clients")
+def one_attack(cfg: Config) -> None:
+    """The backdoor and the Byzantine attacks both rewrite the malicious clients: only one may."""
+    need(not (backdoor.backdoor_on(cfg) and cfg.by_attack != "none"),
+         f"--bd_attack {cfg.bd_attack} and --by_attack {cfg.by_attack} both act on the malicious clients; choose one")
 
 
 def build(cfg: Config, env: BuildEnv, extra_stages: Sequence[Stage] = ()) -> tuple[Trainer, Pipeline]:

@@ -100,6 +100,8 @@ class BuildEnv:
     input_shape: tuple[int, ...]
     n_train: int  # training samples in the federation
     device: torch.device
+    x_test: Optional[torch.Tensor] = None  # (n_test, C, H, W) the global test set, on ``device``
+    y_test: Optional[torch.Tensor] = None  # (n_test,)
 
 
 class Stage:
@@ -192,8 +194,16 @@ class BatchTransform(Stage):
     deterministic given ``ctx`` (draw randomness from ``ctx.generator``).
     """
 
-    def apply(self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Metrics]:
-        """``x (n, B, ...)``, ``y (n, B)``, ``rows (n,)`` long -> ``((x, y), metrics)``."""
+    def apply(
+        self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Metrics]:
+        """``x (n, B, ...)``, ``y (n, B)``, ``rows (n,)`` long, ``valid (n, B)`` bool -> ``((x, y), metrics)``.
+
+        ``valid`` marks the real samples: the vectorized trainer pads a client's last partial
+        batch (and DP-SGD's Poisson batches) to a common width, the per-client paths pass real
+        samples only. A transform that counts or ranks slots must use ``valid`` so that every
+        engine poisons the same samples.
+        """
         raise NotImplementedError
 
 

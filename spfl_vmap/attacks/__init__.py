@@ -36,6 +36,10 @@ ignored).
 
 :func:`attackers_quantile` sizes ``f`` for sampled cohorts: the ``q``-quantile of the
 hypergeometric number of malicious clients in a cohort.
+
+Backdoor (trigger) poisoning lives in :mod:`spfl_vmap.attacks.backdoor`: trigger masks
+(:func:`trigger_mask`, :func:`dba_parts`), :func:`apply_trigger`, the poisoned slots of a chunk
+(:func:`poison_rows`, :func:`poison_batch`) and the attack success rate (:func:`attack_success`).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import torch
 from ..aggregators._base import check_matrix, check_weights, resolve_kwargs
 from ._base import ATTACKS, ENGINE_KWARGS, KNOWLEDGE, attackers_quantile
 from .agr_tailored import AGR_TAL_RULES, agr_tal
+from .backdoor import TRIGGERS, apply_trigger, attack_success, dba_parts, poison_batch, poison_rows, trigger_mask
 from .byzantine import (
     alie,
     alie_z,
@@ -69,12 +74,16 @@ __all__ = [
     "ATTACKS",
     "ENGINE_KWARGS",
     "KNOWLEDGE",
+    "TRIGGERS",
     "agr_tal",
     "alie",
     "alie_z",
+    "apply_trigger",
     "attack",
+    "attack_success",
     "attackers_quantile",
     "data_poison",
+    "dba_parts",
     "fang",
     "flip_labels",
     "gaussian",
@@ -86,7 +95,10 @@ __all__ = [
     "min_sum",
     "nan",
     "none",
+    "poison_batch",
+    "poison_rows",
     "sign_flip",
+    "trigger_mask",
 ]
 
 

@@ -120,18 +120,24 @@ def auto_chunk(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, 
 
 
 def apply_transforms(
-    ctx: RoundContext, transforms: Sequence[BatchTransform], x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor
+    ctx: RoundContext, transforms: Sequence[BatchTransform], x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the pipeline's batch transforms on a chunk's batch ``x (n, B, ...)``, ``y (n, B)``;
-    ``rows (n,)`` are the clients' positions in the cohort."""
+    ``rows (n,)`` are the clients' positions in the cohort, ``valid (n, B)`` the real samples
+    (``None``: all)."""
+    if not transforms:
+        return x, y
+    if valid is None:
+        valid = torch.ones(y.shape, dtype=torch.bool, device=y.device)
     for t in transforms:
-        (x, y), _ = t.apply(ctx, x, y, rows)
+        (x, y), _ = t.apply(ctx, x, y, rows, valid)
     return x, y
 
 
 def gather_batch(
     packed: PackedClients, index_rows: torch.Tensor, pos: torch.Tensor, ctx: RoundContext,
-    transforms: Sequence[BatchTransform], rows: torch.Tensor,
+    transforms: Sequence[BatchTransform], rows: torch.Tensor, valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One local step's batch of ``n`` clients, transformed.
 
@@ -142,12 +148,13 @@ def gather_batch(
         ctx: The round.
         transforms: The pipeline's batch transforms (data poisoning, image transforms).
         rows: ``(n,)`` the clients' positions in the cohort.
+        valid: ``(n, B)`` bool, the real samples (``None``: all).
 
     Returns:
         ``x (n, B, ...)``, ``y (n, B)``.
     """
     gidx = index_rows.gather(1, pos)  # (n, B) indices into the flat training set
-    return apply_transforms(ctx, transforms, packed.x[gidx], packed.y[gidx], rows)
+    return apply_transforms(ctx, transforms, packed.x[gidx], packed.y[gidx], rows, valid)
 
 
 def round_schedule(ctx: RoundContext, batch_size: int, epochs: int, use_gradient: bool) -> Schedule:
@@ -247,7 +254,7 @@ class VmapTrainer:
         for t in range(sched.num_steps):
             if not bool(active_cpu[:, t].any()):
                 continue
-            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows)  # (n, B, ...), (n, B)
+            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows, mask[:, t])  # (n, B, ...), (n, B)
             grads, loss = gfn(params, x, y, mask[:, t].to(x.dtype))
             all_active = bool(active_cpu[:, t].all())  # host-side: skip the padding masks
             params, state = self.opt.step(params, grads, state, None if all_active else active[:, t])
@@ -367,7 +374,7 @@ class VmapTrainer:
         for t in range(sched.num_steps):
             if not bool(active_cpu[:, t].any()):
                 continue
-            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows)
+            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows, mask[:, t])
             m = mask[:, t].to(x.dtype)
             g, l = self._vgrad_sum(global_params, x, y, m)  # params shared: in_dims None
             acc += self.spec.flatten(g, stacked=True)

@@ -101,7 +101,8 @@ class RoundLoop:
         self.spec = ParamSpec.of(self.model)
         self.w = self.spec.flatten({k: p.detach() for k, p in self.model.named_parameters()}).clone()  # (D,)
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.effective_server_lr, cfg.server_momentum)
-        env = BuildEnv(self.model, self.spec, self.packed, self.counts, ds.num_classes, tuple(ds.input_shape), len(ds.y_train), self.device)
+        env = BuildEnv(self.model, self.spec, self.packed, self.counts, ds.num_classes, tuple(ds.input_shape), len(ds.y_train), self.device,
+                       self.x_test, self.y_test)
         self.trainer, self.pipeline = build(cfg, env)
         self.pipeline.state_dict()  # fails early if two stages share a name
         self.stopped: str | None = None  # why the run ended early (privacy budget)

@@ -6,5 +6,7 @@ stages for a run. ``spfl_vmap.builder`` is the one place that knows every module
 them; the round loop sees only the stage protocols.
 
 * :mod:`.byzantine`: malicious clients, attacks on ``U``, label poisoning, robust aggregation.
+* :mod:`.backdoor`: trigger poisoning (BadNets, DBA), model-replacement boost, attack success
+  rate, clip-and-noise defenses.
 * :mod:`.privacy`: DP-SGD (example level), DP-FedAvg (user level), local DP, accounting.
 """

@@ -151,7 +151,9 @@ class LabelPoison(BatchTransform):
     def __init__(self, poison: Callable[[torch.Tensor, int], torch.Tensor]) -> None:
         self.poison = poison
 
-    def apply(self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], Metrics]:
+    def apply(
+        self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Metrics]:
         mal = ctx.malicious[rows]  # (n,)
         if not bool(mal.any()):
             return (x, y), {}

@@ -176,7 +176,7 @@ class DPSGDTrainer:
             if not bool(act_t.any()):
                 continue
             L_t = max(1, int(width_cpu[:, t].max()))
-            x, y = gather_batch(self.packed, rows, pos[:, t, :L_t], ctx, transforms, cohort_rows)  # (n, L, ...), (n, L)
+            x, y = gather_batch(self.packed, rows, pos[:, t, :L_t], ctx, transforms, cohort_rows, mask[:, t, :L_t])  # (n, L, ...), (n, L)
             m = mask[:, t, :L_t].to(x.dtype)  # (n, L)
             grads, sample_losses = self.per_sample_grads(params, x, y)  # {k: (n, L, *s)}, (n, L)
             summed, _ = clip_and_sum(grads, m, self.clip)  # {k: (n, *s)}
