@@ -120,7 +120,8 @@ class RunLock:
 def check_resume(out: Path, cfg: Config) -> None:
     """Refuse to resume with settings that would change the results of the checkpointed run."""
     if not (out / CHECKPOINT).is_file():
-        raise SpflError(f"{out} has no {CHECKPOINT}; only runs started with --checkpoint_every can be resumed")
+        raise SpflError(f"{out} has no {CHECKPOINT}: the run was started without --checkpoint_every, or stopped before "
+                        f"its first checkpoint; start it again instead")
     saved = read_checkpoint(out / CHECKPOINT).get("config")
     if not isinstance(saved, dict):
         raise SpflError(f"{out / CHECKPOINT} holds no config; it cannot be checked for a safe resume")
@@ -348,7 +349,8 @@ def load_run_config(run_dir: str | Path) -> Config:
     if not p.is_file():
         raise SpflError(f"{run_dir} is not a run directory: {p} is missing")
     if not (Path(run_dir) / CHECKPOINT).is_file():
-        raise SpflError(f"{run_dir} has no {CHECKPOINT}; only runs started with --checkpoint_every can be resumed")
+        raise SpflError(f"{run_dir} has no {CHECKPOINT}: the run was started without --checkpoint_every, or stopped "
+                        f"before its first checkpoint; start it again instead")
     try:
         saved = json.loads(p.read_text())["config"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:

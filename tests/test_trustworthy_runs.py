@@ -201,3 +201,21 @@ def test_config_types_are_checked():
 
 def test_flag_prefixes_are_not_guessed(capsys):
     assert "unrecognized arguments: --epoch" in one_line_error(capsys, ["run", *DIGITS, "--epoch", "2"])
+
+
+# ---- 10. the toolkit's launcher flags ----------------------------------------------------------------
+def test_save_path_saves_the_final_model(tmp_path, capsys):
+    path = tmp_path / "models" / "final.pt"
+    assert main(["run", *DIGITS, "--comm_round", "1", "--out", str(tmp_path / "r"), "--save_path", str(path), "--wandb-off"]) == 0
+    state = torch.load(path, weights_only=True)
+    sim = Simulator(Config(dataset="digits", model="lr", client_num_in_total=10, client_num_per_round=5))
+    assert set(state) == set(sim.global_params) and all(state[k].shape == v.shape for k, v in sim.global_params.items())
+    assert not torch.equal(torch.cat([v.flatten() for v in state.values()]), sim.w)  # trained, not the initial model
+
+
+def test_toolkit_flags_without_meaning_are_named(tmp_path, capsys):
+    assert main(["run", *DIGITS, "--comm_round", "1", "--out", str(tmp_path / "r"), "--backend", "MPI", "--ci", "0",
+                 "--gpu_mapping_key", "k", "--num_worker", "3", "--is_mobile", "0", "--no_save_to_localfile"]) == 0
+    out = capsys.readouterr().out
+    for flag in ("--backend", "--ci", "--gpu_mapping_key", "--num_worker 3", "--is_mobile", "--no_save_to_localfile"):
+        assert f"note: {flag}" in out
