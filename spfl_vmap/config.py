@@ -29,7 +29,7 @@ STRATEGIES = ("auto", "vmap", "loop")
 DEVICES = ("auto", "cpu", "cuda")
 DP_MODES = ("none", "example", "user", "local")
 # keyword arguments the engine passes itself; users may not set them in *_params
-ENGINE_KWARGS = {"weights", "f", "state", "generator", "knowledge", "aggregator", "malicious"}
+ENGINE_KWARGS = {"weights", "f", "state", "generator", "knowledge", "aggregator", "malicious", "client_ids"}
 
 # Validators of config sections, ``fn(cfg) -> None`` raising ConfigError. Each module registers
 # the validator of its own fields (``spfl_vmap/modules``); the builder registers the rules that

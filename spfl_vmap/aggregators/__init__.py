@@ -11,14 +11,17 @@ Every aggregator is registered in :data:`AGGREGATORS` by one decorator and has t
   rules ignore them (robust rules should not trust self-reported counts).
 - ``f``: the assumed number of Byzantine clients.
 - ``state``: a mutable dict the engine keeps across rounds and checkpoints (values are tensors,
-  floats or ints). Only ``centered_clipping`` uses it (key ``CC_STATE_KEY``).
+  floats or ints). ``centered_clipping`` (key ``CC_STATE_KEY``) and ``foolsgold`` (keys
+  ``FG_IDS_KEY``, ``FG_HISTORY_KEY``) use it.
+- ``client_ids``: the ``[N]`` client ids of the rows (``foolsgold`` keys its history by them).
 - ``generator``: the source of randomness (``dnc``, ``signguard``); ``None`` means a fixed seed 0.
   The global RNG is never used.
 - The returned dict holds metrics for the round's log line. ``selected`` / ``flagged`` (and
   ``norm_flagged`` / ``sign_flagged``) are lists of row indices; ``scores`` has one float per row.
 
 Registered names: ``mean``, ``median``, ``trimmed_mean``, ``krum``, ``multi_krum``, ``bulyan``,
-``dnc``, ``geomed``, ``centered_clipping``, ``signguard``, ``norm_clip``.
+``dnc``, ``geomed``, ``centered_clipping``, ``signguard``, ``norm_clip``, and the backdoor
+defenses ``rlr`` and ``foolsgold``.
 
 For the engine, use :func:`aggregate`::
 
@@ -28,20 +31,21 @@ For the engine, use :func:`aggregate`::
         ...  # keep the global model unchanged this round
 
 It looks the name up, validates the inputs and passes the keyword arguments on: the engine's
-``f``, ``state`` and ``generator`` (:data:`ENGINE_KWARGS`) are dropped for a rule that does not
-take them, but any other key the rule does not take is a :class:`~spfl_vmap.errors.ConfigError`
-naming it and listing the rule's hyperparameters (a misspelled hyperparameter is never ignored),
-and so is a value of the wrong type (``f="3"``, ``beta="abc"``), a ``U`` that is not a float
-``[N, D]`` tensor, or ``weights`` without one entry per row. It then applies the non-finite
-policy: a row with any NaN/Inf entry never reaches the
-global model. Such rows (and finite rows whose squared norm overflows fp32, which no distance can
-handle) are excluded before aggregation (``nonfinite_excluded`` lists them), ``f``
-is lowered by their number (they are counted as detected Byzantine clients, so e.g. Bulyan's
-``n >= 4f+3`` is checked on the remaining rows with the remaining ``f``), and index metrics are
-mapped back to the original row numbers. If every row is non-finite, or the result itself is not
-finite (e.g. finite rows that overflow), the aggregate is zeros and ``round_rejected`` is
-``True``. Aggregators called directly do not apply this policy; each docstring says how it treats
-NaN/Inf (``median`` and ``trimmed_mean`` tolerate NaN entries natively).
+``f``, ``state``, ``generator`` and ``client_ids`` (:data:`ENGINE_KWARGS`) are dropped for a rule
+that does not take them, but any other key the rule does not take is a
+:class:`~spfl_vmap.errors.ConfigError` naming it and listing the rule's hyperparameters (a
+misspelled hyperparameter is never ignored), and so is a value of the wrong type (``f="3"``,
+``beta="abc"``), a ``U`` that is not a float ``[N, D]`` tensor, or ``weights`` (or
+``client_ids``) without one entry per row. It then applies the non-finite policy: a row with any
+NaN/Inf entry never reaches the global model. Such rows (and finite rows whose squared norm
+overflows fp32, which no distance can handle) are excluded before aggregation
+(``nonfinite_excluded`` lists them), ``f`` is lowered by their number (they are counted as
+detected Byzantine clients, so e.g. Bulyan's ``n >= 4f+3`` is checked on the remaining rows with
+the remaining ``f``), ``client_ids`` is cut to the kept rows, and index metrics are mapped back
+to the original row numbers. If every row is non-finite, or the result itself is not finite
+(e.g. finite rows that overflow), the aggregate is zeros and ``round_rejected`` is ``True``.
+Aggregators called directly do not apply this policy; each docstring says how it treats NaN/Inf
+(``median`` and ``trimmed_mean`` tolerate NaN entries natively).
 
 Users of other frameworks can call the rules directly (they check ``U``, ``weights`` and ``f``
 too)::
@@ -59,6 +63,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ._base import (
     AGGREGATORS,
     ENGINE_KWARGS,
@@ -74,6 +79,7 @@ from ._base import (
     resolve_kwargs,
 )
 from .averaging import mean, median, trimmed_mean
+from .backdoor_defenses import FG_HISTORY_KEY, FG_IDS_KEY, foolsgold, foolsgold_weights, rlr
 from .clipping import CC_STATE_KEY, centered_clipping, norm_clip
 from .distance import bulyan, krum, krum_select, krum_select_batch, multi_krum
 from .geometric_median import geomed
@@ -84,10 +90,14 @@ __all__ = [
     "AGGREGATORS",
     "CC_STATE_KEY",
     "ENGINE_KWARGS",
+    "FG_HISTORY_KEY",
+    "FG_IDS_KEY",
     "aggregate",
     "bulyan",
     "centered_clipping",
     "dnc",
+    "foolsgold",
+    "foolsgold_weights",
     "geomed",
     "hyperparameters",
     "krum",
@@ -99,6 +109,7 @@ __all__ = [
     "multi_krum",
     "norm_clip",
     "required_clients",
+    "rlr",
     "check_clients",
     "signguard",
     "trimmed_mean",
@@ -117,8 +128,8 @@ def aggregate(
         name: registry name (see :data:`AGGREGATORS`).
         U: ``[N, D]`` client updates.
         weights: ``[N]`` non-negative weights, or ``None`` for uniform.
-        **kwargs: ``f``, ``state``, ``generator`` (dropped if the rule does not take them) and
-            the rule's hyperparameters.
+        **kwargs: ``f``, ``state``, ``generator``, ``client_ids`` (dropped if the rule does not
+            take them) and the rule's hyperparameters.
 
     Returns:
         ``([D] aggregate in U's dtype, metrics)``. ``metrics`` always has
@@ -127,8 +138,8 @@ def aggregate(
 
     Raises:
         ConfigError: unknown name; an unknown hyperparameter or a value of the wrong type; ``U``
-            not a float ``[N, D]`` tensor; ``weights`` without N entries; or parameters the rule
-            refuses (e.g. Bulyan with n < 4f+3).
+            not a float ``[N, D]`` tensor; ``weights`` or ``client_ids`` without N entries; or
+            parameters the rule refuses (e.g. Bulyan with n < 4f+3).
     """
     fn = AGGREGATORS.get(name)
     who = f"aggregator {name!r}"
@@ -136,6 +147,10 @@ def aggregate(
     n, d = U.shape
     check_weights(weights, n, who)
     call = resolve_kwargs(fn, kwargs, ENGINE_KWARGS, who)
+    ids = call.get("client_ids")
+    if ids is not None and (not hasattr(ids, "__len__") or len(ids) != n):
+        got = len(ids) if hasattr(ids, "__len__") else type(ids).__name__
+        raise ConfigError(f"{who}: client_ids must have one entry per row ({n}), got {got}")
     # A NaN/Inf entry makes the squared norm non-finite, and so does a finite row too large for
     # distances to be representable (|x| > ~1.8e19 in fp32); both kinds are malformed.
     X = U.float()
@@ -152,6 +167,11 @@ def aggregate(
         weights = None if weights is None else weights[kept]
         if "f" in call:
             call["f"] = max(0, int(call["f"]) - len(excluded))
+        if ids is not None:
+            keep = kept.tolist()
+            call["client_ids"] = (
+                ids[kept.to(ids.device)] if isinstance(ids, torch.Tensor) else [ids[i] for i in keep]
+            )
     out, own = fn(U, weights, **call)
     if not bool(torch.isfinite(out).all()):
         return rejected

@@ -25,7 +25,8 @@ AGGREGATORS: Registry = Registry("aggregator")
 
 #: Keyword arguments the engine passes to every aggregator; a rule that does not take one of them
 #: simply does not get it. Any other key must be one of the rule's own hyperparameters.
-ENGINE_KWARGS = frozenset({"f", "state", "generator"})
+#: ``client_ids`` (the rows' client ids) is taken only by rules with a per-client history.
+ENGINE_KWARGS = frozenset({"f", "state", "generator", "client_ids"})
 
 # Metric keys whose values are row indices (remapped by ``aggregate()`` when rows are excluded)
 # and keys whose values hold one entry per row (expanded with ``None`` for excluded rows).

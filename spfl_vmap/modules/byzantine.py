@@ -186,7 +186,8 @@ class ByzantineAttack(UpdateStage):
 class RobustAggregation(Aggregation):
     """Round step 8: the registered aggregator; a NaN/Inf row never reaches the model.
 
-    Holds the aggregator's state across rounds (centered clipping's momentum), checkpointed.
+    Holds the aggregator's state across rounds (centered clipping's momentum, FoolsGold's
+    per-client histories), checkpointed.
     """
 
     name = "aggregator"
@@ -207,7 +208,7 @@ class RobustAggregation(Aggregation):
                 self.state[k] = v.to(U.device)
         agg, m = aggregate(
             self.rule, U, ctx.weights, f=min(self.f, U.shape[0] - 1), state=self.state,
-            generator=ctx.generator("aggregator", device=U.device), **self.kwargs,
+            generator=ctx.generator("aggregator", device=U.device), client_ids=ctx.client_ids, **self.kwargs,
         )
         out: Metrics = {}
         if m.get("round_rejected"):

@@ -11,7 +11,7 @@ ALL = AGGREGATORS.names()
 
 def test_registry_names():
     assert ALL == sorted(["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "dnc",
-                          "geomed", "centered_clipping", "signguard", "norm_clip"])
+                          "geomed", "centered_clipping", "signguard", "norm_clip", "rlr", "foolsgold"])
     with pytest.raises(ConfigError, match="unknown aggregator"):
         aggregate("krumm", torch.zeros(3, 2))
 
