@@ -332,7 +332,8 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
                      f"sigma_b {a['count_noise_std']:.4g}, accounted at z {a['accounted_noise_multiplier']:.4g}")
     if "byzantine" in d:
         b = d["byzantine"]
-        lines.append(f"byzantine: {b['attack']} vs {b['defense']}, {b['malicious_clients']} malicious ({b['mode']}), "
+        what = f"{b['attack']} vs {b['defense']}" if b["attack"] != "none" else f"aggregator {b['defense']}"
+        lines.append(f"byzantine: {what}, {b['malicious_clients']} malicious clients ({b['mode']}), "
                      f"aggregator assumes f={b['f']} ({b['f_rule']})")
     return lines
 
