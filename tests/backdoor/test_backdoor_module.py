@@ -9,19 +9,12 @@ import torch
 from torch.func import functional_call
 
 from spfl_vmap import Config, ConfigError, Simulator
-from spfl_vmap.attacks.backdoor import apply_trigger, attack_success, content_keys, hash_uniform, poison_rows_reference
+from spfl_vmap.attacks.backdoor import attack_success, content_keys, hash_uniform, poison_rows_reference
 from spfl_vmap.modules.backdoor import AggregateNoise, BackdoorPoison, Boost, NormBound, ToolkitClipNoise
 from spfl_vmap.modules.byzantine import MaliciousClients
 from spfl_vmap.rng import derive_seed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models only lose time to OpenMP on a shared 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
 
 BASE = dict(dataset="synthetic", synthetic_train=300, synthetic_test=100, model="lr", partition_method="hetero",
             partition_alpha=0.5, partition_min_samples=10, client_num_in_total=6, client_num_per_round=6, comm_round=2,
