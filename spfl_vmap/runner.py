@@ -117,18 +117,22 @@ class RunLock:
         self.fh.close()
 
 
-def check_resume(out: Path, cfg: Config) -> None:
-    """Refuse to resume with settings that would change the results of the checkpointed run."""
+def check_resume(out: Path, cfg: Config) -> dict[str, Any]:
+    """Refuse to resume with settings that would change the results of the checkpointed run.
+
+    Returns the checkpoint, read once here and restored by the simulator."""
     if not (out / CHECKPOINT).is_file():
         raise SpflError(f"{out} has no {CHECKPOINT}: the run was started without --checkpoint_every, or stopped before "
                         f"its first checkpoint; start it again instead")
-    saved = read_checkpoint(out / CHECKPOINT).get("config")
+    checkpoint = read_checkpoint(out / CHECKPOINT)
+    saved = checkpoint.get("config")
     if not isinstance(saved, dict):
         raise SpflError(f"{out / CHECKPOINT} holds no config; it cannot be checked for a safe resume")
     diff = resume_mismatches(saved, cfg)
     if diff:
         raise SpflError(f"--resume {out}: {', '.join(diff)} differ from the checkpointed run and would change its "
                         f"results; only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume")
+    return checkpoint
 
 
 class MetricsLog:
@@ -226,23 +230,25 @@ def run(
     log = log or (lambda s: None)
     out = Path(resume_dir) if resume_dir is not None else (Path(cfg.out) if cfg.out else None)
     if out is None:
-        return _run(cfg, data, None, False, on_round, log, stages)
+        return _run(cfg, data, None, None, on_round, log, stages)
     created = prepare_run_dir(out, resume=resume_dir is not None)
     with RunLock(out):
+        checkpoint = None
         if resume_dir is not None:
-            check_resume(out, cfg)
+            checkpoint = check_resume(out, cfg)
         elif (out / CHECKPOINT).exists() or (out / "metrics.jsonl").exists():
             which = CHECKPOINT if (out / CHECKPOINT).exists() else "metrics.jsonl"
             raise SpflError(f"run directory {out} already holds {which} from another run; choose a new --out or use --resume {out}")
         try:
-            return _run(cfg, data, out, resume_dir is not None, on_round, log, stages)
+            return _run(cfg, data, out, checkpoint, on_round, log, stages)
         except BaseException:
             if created is not None and not (out / "metrics.jsonl").exists() and not (out / CHECKPOINT).exists():
                 shutil.rmtree(created, ignore_errors=True)  # failed before writing anything: leave no stray directory
             raise
 
 
-def _run(cfg: Config, data: Dataset | None, out: Path | None, resume: bool, on_round, log, stages) -> History:
+def _run(cfg: Config, data: Dataset | None, out: Path | None, checkpoint: dict[str, Any] | None, on_round, log, stages) -> History:
+    """The run itself; ``checkpoint`` is the state to resume from (already checked), or None."""
     sim = Simulator(cfg, data, stages=stages)
     log(format_partition(sim.partition_stats))
     for line in describe_lines(sim.describe()):
@@ -252,8 +258,8 @@ def _run(cfg: Config, data: Dataset | None, out: Path | None, resume: bool, on_r
     if out is not None:
         metrics = MetricsLog(out / "metrics.jsonl")
         stage_logs = [(s, MetricsLog(out / s.log_file)) for s in sim.stages if s.log_file]
-        if resume:
-            sim.load_checkpoint(out)
+        if checkpoint is not None:
+            sim.load_checkpoint(out, checkpoint)
             sim.history.rows = metrics.truncate_after(sim.round)
             for s, slog in stage_logs:
                 s.load_log(slog.truncate_after(sim.round))
@@ -309,13 +315,8 @@ def warn_divergence(sim: Simulator, m: dict[str, Any], log: Callable[[str], None
     if m.get("round_rejected") and sim.consecutive_rejected == 1:
         log(f"warning: round {m['round']} was rejected (every update, or the aggregate, was NaN/Inf); the model is "
             f"unchanged. The run stops after {sim.cfg.max_rejected_rounds} such rounds in a row (--max_rejected_rounds)")
-    loss = m.get("train_loss")
-    if isinstance(loss, float) and not math.isfinite(loss) and m.get("clients"):
-        if not getattr(sim, "_warned_loss", False):
-            log(f"warning: round {m['round']}: the training loss is {loss} (diverging: lower --lr?)")
-            sim._warned_loss = True
-    elif loss is not None:
-        sim._warned_loss = False
+    if sim.consecutive_nonfinite_loss == 1 and m.get("clients"):
+        log(f"warning: round {m['round']}: the training loss is {m.get('train_loss')} (diverging: lower --lr?)")
 
 
 def describe_lines(d: dict[str, Any]) -> list[str]:

@@ -113,6 +113,7 @@ class RoundLoop:
         self.rejected_rounds = 0  # rounds whose aggregate was rejected (model kept)
         self.consecutive_rejected = 0
         self.nonfinite_loss_rounds = 0
+        self.consecutive_nonfinite_loss = 0
         self.diverged = False  # stopped after --max_rejected_rounds consecutive rejected rounds
 
     # ---- properties -----------------------------------------------------------------------
@@ -227,8 +228,9 @@ class RoundLoop:
             round_s=train_s,
             clients_per_s=ctx.num_clients / max(train_s, 1e-9),
         )
-        if ctx.num_clients and not math.isfinite(metrics["train_loss"]):
-            self.nonfinite_loss_rounds += 1
+        nonfinite = bool(ctx.num_clients) and not math.isfinite(metrics["train_loss"])
+        self.nonfinite_loss_rounds += nonfinite
+        self.consecutive_nonfinite_loss = self.consecutive_nonfinite_loss + 1 if nonfinite else 0
         K = cfg.max_rejected_rounds
         if K and self.consecutive_rejected >= K:
             self.diverged = True
@@ -307,11 +309,12 @@ class RoundLoop:
         os.replace(tmp, path)
         return path
 
-    def load_checkpoint(self, run_dir: str | Path) -> None:
+    def load_checkpoint(self, run_dir: str | Path, state: dict[str, Any] | None = None) -> None:
+        """Restore ``run_dir``'s checkpoint; ``state`` is that file's contents if already read."""
         path = Path(run_dir) / CHECKPOINT
-        if not path.is_file():
+        if state is None and not path.is_file():
             raise SpflError(f"no checkpoint in {run_dir}: expected {path} (was the run started with --checkpoint_every?)")
-        sd = read_checkpoint(path)
+        sd = read_checkpoint(path) if state is None else state
         try:
             self.load_state_dict(sd)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
