@@ -1,7 +1,8 @@
 """The original toolkit's ``test/*.sh`` commands run with ``spfl run`` in place of
 ``mpirun ... python3 ./main_fedavg.py``: flags unchanged, except FashionMNIST for MNIST (the
 embedded dataset) and a few rounds (source: csl-cqu/Roubst-and-Privacy-preserving-Federated-Learning-System,
-``test/baseline_mnist_lr.sh``, ``test/Byzantine_defense.sh``, ``test/differential_privacy.sh``)."""
+``test/baseline_mnist_lr.sh``, ``test/Byzantine_defense.sh``, ``test/differential_privacy.sh``,
+``test/backdoor.sh``)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,21 @@ def run_ok(tmp_path, argv, capsys) -> dict:
 def test_baseline_mnist_lr(tmp_path, capsys):
     s = run_ok(tmp_path, BASELINE, capsys)
     assert s["rounds"] == 2 and s["final_test_acc"] > 0.5
+
+
+def test_backdoor_sh(tmp_path, capsys):
+    """test/backdoor.sh: ``sh baseline_mnist_lr.sh --backdoor-test --backdoor-test-frequency 15
+    --backdoor-defense --backdoor-defense-shrink 0.05 --backdoor-defense-noise 0.005``."""
+    s = run_ok(tmp_path, [*BASELINE, "--backdoor-test", "--backdoor-test-frequency", "15", "--backdoor-defense",
+                          "--backdoor-defense-shrink", "0.05", "--backdoor-defense-noise", "0.005"], capsys)
+    assert s["rounds"] == 2
+    bd = s["backdoor"]
+    assert (bd["attack"], bd["trigger"], bd["target"], bd["trigger_pixels"]) == ("badnets", "plus", 7, 5)
+    assert s["backdoor_defense"] == {"defense": "toolkit_clip_noise", "clip": 0.05, "clip_mode": "per_layer",
+                                     "noise": 0.005, "noise_on": "client"}
+    adv = s["backdoor_adversary"]
+    assert adv["rule"] == "client index % 15 == 0" and adv["malicious_ids"] == [0]  # 10 clients: client 0 only
+    assert 0.0 <= s["asr"] <= 1.0 and 0.0 <= s["asr_all"] <= 1.0
 
 
 @pytest.mark.parametrize("defense,canonical", [("Krum", "krum"), ("MKrum", "multi_krum"), ("Median", "median"),

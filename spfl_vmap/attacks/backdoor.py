@@ -28,6 +28,15 @@ Triggers (:func:`trigger_mask`):
 The trigger value is the data range's maximum after normalization (the toolkit uses the batch
 maximum ``t.max()``, RLR 255 before normalization); callers pass it in, a scalar or ``(C,)``.
 
+Attack rounds (:func:`parse_schedule`): ``continuous`` (every round), ``single:R`` (round ``R``
+only, a single-shot attack), ``every:K`` (rounds 1, K+1, 2K+1, ...: FLPoison's fixed-frequency
+strategy, ``attackers/pbases/dpbase.py::generate_poison_epochs``, ``range(0, epochs, K)`` over
+0-based rounds) and ``from:R`` (every round from ``R`` on). Rounds are 1-based, as in the run log.
+
+Neurotoxin (:func:`neurotoxin_keep`): the coordinates of a benign direction with the smallest
+magnitudes, which the attacker keeps (Zhang et al., "Neurotoxin: Durable Backdoors in Federated
+Learning", ICML 2022).
+
 Poisoned positions (:func:`poison_rows`): in each malicious client's batch, the
 ``floor(frac * m)`` eligible slots with the lowest scores, where ``m`` is the number of eligible
 slots (all ``B`` for all-to-one; the source-class samples for one-to-one, as RLR's
@@ -39,6 +48,7 @@ caller batches its clients).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
 import torch
@@ -300,8 +310,21 @@ def _fold(k: torch.Tensor) -> torch.Tensor:
     return (k ^ (k >> 32)) & MASK32
 
 
+def _mix32_int(x: int) -> int:
+    """:func:`mix32` of one Python int (a seed: no tensor ops)."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & MASK32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
 def hash_uniform(seed: int, *keys: torch.Tensor) -> torch.Tensor:
     """A uniform number in ``[0, 1)`` per element, a hash of ``seed`` and the integer ``keys``.
+
+    ``h = mix32(seed)``, then ``h = mix32(h ^ (fold(k) + golden))`` for each key (a chained
+    hash-combine; one finalizer per key).
 
     Args:
         seed: Any integer (e.g. ``derive_seed(seed, "backdoor", round)``).
@@ -311,30 +334,119 @@ def hash_uniform(seed: int, *keys: torch.Tensor) -> torch.Tensor:
         float64 tensor of the broadcast shape; equal keys give equal numbers on every device
         and for every way of slicing the keys.
     """
-    s = (seed ^ (seed >> 32)) & MASK32
-    shape = torch.broadcast_shapes(*(k.shape for k in keys))
-    h = mix32(torch.full(shape, s, dtype=torch.long, device=keys[0].device))
+    h: torch.Tensor | int = _mix32_int((seed ^ (seed >> 32)) & MASK32)
     for k in keys:
-        h = mix32(h ^ mix32(_fold(k) + 0x9E3779B9))
-    return h.to(torch.float64) / float(1 << 32)
+        h = mix32(h ^ ((_fold(k) + 0x9E3779B9) & MASK32))
+    shape = torch.broadcast_shapes(*(k.shape for k in keys))
+    return torch.as_tensor(h).expand(shape).to(torch.float64) / float(1 << 32)
+
+
+_PIXEL_WEIGHTS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _pixel_weights(p: int, device: torch.device) -> torch.Tensor:
+    """``(P,)`` odd int64 weights below ``2**16``, one per pixel position (cached)."""
+    key = (p, str(device))
+    if key not in _PIXEL_WEIGHTS:
+        w = mix32(torch.arange(p, dtype=torch.long) + 0x632BE5AB) & 0xFFFF | 1
+        _PIXEL_WEIGHTS[key] = w.to(device)
+    return _PIXEL_WEIGHTS[key]
 
 
 def content_keys(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """An integer key per sample, from the exact bits of its pixels and its label.
+
+    A weighted sum of the pixels' 32-bit patterns with odd per-position weights below
+    ``2**16`` (exact in int64 for up to ``2**15`` pixels), folded to 32 bits and finalized
+    together with the label. Two ops over the pixels, so it stays cheap inside every local step.
 
     Args:
         x: ``(..., C, H, W)`` float images.
         y: ``(...)`` labels.
 
     Returns:
-        ``(...)`` int64 in ``[0, 2**32)``: a sum of per-pixel hashes (exact integer arithmetic,
-        so it does not depend on how many samples are hashed together).
+        ``(...)`` int64 in ``[0, 2**32)``; exact integer arithmetic, so it does not depend on how
+        many samples are hashed together.
     """
     lead = x.shape[:-3]
     bits = x.float().contiguous().view(torch.int32).reshape(*lead, -1).to(torch.long) & MASK32  # (..., P)
-    pix = mix32(torch.arange(bits.shape[-1], device=x.device, dtype=torch.long) + 0x632BE5AB)  # (P,)
-    key = mix32(bits ^ pix).sum(dim=-1) & MASK32  # (...,)
-    return mix32(key ^ mix32(y.to(torch.long) + 0x85EBCA6B))
+    key = _fold((bits * _pixel_weights(bits.shape[-1], x.device)).sum(dim=-1))  # (...,)
+    return mix32(key ^ ((y.to(torch.long) * 0x85EBCA6B) & MASK32))
+
+
+# ---- when the attackers act, and on which coordinates ------------------------------------------
+SCHEDULES = ("continuous", "single:R", "every:K", "from:R")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The rounds in which backdoor attackers act.
+
+    Attributes:
+        kind: ``continuous`` | ``single`` | ``every`` | ``from``.
+        n: The round ``R`` (``single``, ``from``) or the period ``K`` (``every``); 0 for
+            ``continuous``.
+    """
+
+    kind: str
+    n: int = 0
+
+    def active(self, round_idx: int) -> bool:
+        """Whether the attackers act in 1-based round ``round_idx``."""
+        if self.kind == "continuous":
+            return True
+        if self.kind == "single":
+            return round_idx == self.n
+        if self.kind == "from":
+            return round_idx >= self.n
+        return (round_idx - 1) % self.n == 0  # every: rounds 1, K+1, 2K+1, ... (FLPoison's range(0, T, K))
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "continuous" else f"{self.kind}:{self.n}"
+
+
+def parse_schedule(text: str) -> Schedule:
+    """``"continuous"``, ``"single:R"``, ``"every:K"`` or ``"from:R"`` -> :class:`Schedule`.
+
+    Raises:
+        ConfigError: (one line) any other text, or ``R`` / ``K`` not an integer >= 1.
+    """
+    t = text.strip().lower()
+    if t == "continuous":
+        return Schedule("continuous")
+    kind, sep, num = t.partition(":")
+    if sep and kind in ("single", "every", "from"):
+        try:
+            n = int(num)
+        except ValueError:
+            n = 0
+        if n >= 1:
+            return Schedule(kind, n)
+        raise ConfigError(f"schedule {text!r}: {'the period K' if kind == 'every' else 'the round R'} must be an integer >= 1")
+    raise ConfigError(f"schedule {text!r} must be one of: {', '.join(SCHEDULES)}")
+
+
+def neurotoxin_keep(direction: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The coordinates a Neurotoxin attacker may change: those where benign training moves least.
+
+    As the authors' ``grad_mask_cv`` with ``aggregate_all_layer 1`` (jhcknzzm/Federated-Learning-
+    Backdoor ``FL_Backdoor_CV/helper.py``): over all layers at once, the ``int(D * ratio)``
+    coordinates with the smallest ``|direction|`` (their ``torch.topk(-|g|, int(len * ratio))``).
+    Ties go to the lower index (a stable sort), so the mask is the same on every device.
+
+    Args:
+        direction: ``(D,)`` the benign direction (a gradient or a global update).
+        ratio: The fraction of coordinates kept, in ``(0, 1]`` (the authors' ``gradmask_ratio``).
+
+    Returns:
+        ``(D,)`` bool, ``True`` where the attacker's update is kept.
+    """
+    D = direction.numel()
+    k = int(D * ratio)
+    order = direction.reshape(-1).abs().argsort(stable=True)  # (D,) smallest magnitude first
+    keep = torch.zeros(D, dtype=torch.bool, device=direction.device)
+    keep[order[:k]] = True
+    return keep
 
 
 # ---- attack success ----------------------------------------------------------------------------
@@ -379,7 +491,7 @@ def attack_success(
 
 
 __all__ = [
-    "CORNERS", "DBA_PARTS", "TRIGGERS", "apply_trigger", "attack_success", "content_keys", "dba_parts", "hash_uniform",
-    "mix32", "parse_location", "plus_mask", "poison_batch", "poison_count", "poison_rows", "poison_rows_reference",
-    "square_mask", "trigger_mask",
+    "CORNERS", "DBA_PARTS", "SCHEDULES", "TRIGGERS", "Schedule", "apply_trigger", "attack_success", "content_keys",
+    "dba_parts", "hash_uniform", "mix32", "neurotoxin_keep", "parse_location", "parse_schedule", "plus_mask",
+    "poison_batch", "poison_count", "poison_rows", "poison_rows_reference", "square_mask", "trigger_mask",
 ]

@@ -27,7 +27,7 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
     hints = field_types()
     for f in fields(Config):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        help_ = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_ = f"{f.metadata.get('help', '')} (default: {f.default})".replace("%", "%%")  # argparse %-formats help
         bt = base_type(hints[f.name])
         if bt is bool:
             p.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)

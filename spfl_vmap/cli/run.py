@@ -109,6 +109,10 @@ def toolkit_notes(ns: argparse.Namespace, cfg: Config) -> list[str]:
     if ns.tk_num_worker is not None and ns.tk_num_worker != cfg.client_num_per_round:
         notes.append(f"note: --num_worker {ns.tk_num_worker} ignored: {cfg.client_num_per_round} clients per round "
                      f"(--client_num_per_round) are trained together in one process")
+    if cfg.backdoor_test:
+        notes.append(f"note: --backdoor_test: each attacker (client index % {cfg.backdoor_test_frequency} == 0) trains once, on "
+                     f"batches with {cfg.bd_poison_frac:g} of the samples poisoned, instead of the toolkit's clean and fully "
+                     f"poisoned pair of models (spfl_vmap.modules.backdoor.toolkit_backdoor_test says why)")
     if ns.tk_no_save_to_localfile:
         notes.append("note: --no_save_to_localfile ignored: spfl always writes its run directory, the record of the run")
     return notes
