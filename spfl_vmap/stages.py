@@ -102,6 +102,8 @@ class BuildEnv:
     device: torch.device
     x_test: Optional[torch.Tensor] = None  # (n_test, C, H, W) the global test set, on ``device``
     y_test: Optional[torch.Tensor] = None  # (n_test,)
+    x_root: Optional[torch.Tensor] = None  # (n_root, C, H, W) the server's root set, held out from every client
+    y_root: Optional[torch.Tensor] = None  # (n_root,)
 
 
 class Stage:

@@ -14,6 +14,7 @@ Every aggregator is registered in :data:`AGGREGATORS` by one decorator and has t
   floats or ints). ``centered_clipping`` (key ``CC_STATE_KEY``) and ``foolsgold`` (keys
   ``FG_IDS_KEY``, ``FG_HISTORY_KEY``) use it.
 - ``client_ids``: the ``[N]`` client ids of the rows (``foolsgold`` keys its history by them).
+- ``server_update``: the ``[D]`` update of the server on its root set (``fltrust`` only).
 - ``generator``: the source of randomness (``dnc``, ``signguard``); ``None`` means a fixed seed 0.
   The global RNG is never used.
 - The returned dict holds metrics for the round's log line. ``selected`` / ``flagged`` (and
@@ -21,7 +22,8 @@ Every aggregator is registered in :data:`AGGREGATORS` by one decorator and has t
 
 Registered names: ``mean``, ``median``, ``trimmed_mean``, ``krum``, ``multi_krum``, ``bulyan``,
 ``dnc``, ``geomed``, ``centered_clipping``, ``signguard``, ``norm_clip``, and the backdoor
-defenses ``rlr`` and ``foolsgold``.
+defenses ``rlr``, ``foolsgold``, ``flame`` and ``fltrust`` (which takes the server's root-set
+update as the engine keyword ``server_update``).
 
 For the engine, use :func:`aggregate`::
 
@@ -43,7 +45,9 @@ overflows fp32, which no distance can handle) are excluded before aggregation
 detected Byzantine clients, so e.g. Bulyan's ``n >= 4f+3`` is checked on the remaining rows with
 the remaining ``f``), ``client_ids`` is cut to the kept rows, and index metrics are mapped back
 to the original row numbers. If every row is non-finite, or the result itself is not finite
-(e.g. finite rows that overflow), the aggregate is zeros and ``round_rejected`` is ``True``.
+(e.g. finite rows that overflow), the aggregate is zeros and ``round_rejected`` is ``True``; so
+it is when the rows left are fewer than the rule needs (:func:`required_clients`, with the
+lowered ``f``), with ``too_few_rows`` set to their number.
 Aggregators called directly do not apply this policy; each docstring says how it treats NaN/Inf
 (``median`` and ``trimmed_mean`` tolerate NaN entries natively).
 
@@ -80,6 +84,7 @@ from ._base import (
 )
 from .averaging import mean, median, trimmed_mean
 from .backdoor_defenses import FG_HISTORY_KEY, FG_IDS_KEY, foolsgold, foolsgold_weights, rlr
+from .flame import cosine_distances, flame, fltrust, hdbscan_majority
 from .clipping import CC_STATE_KEY, centered_clipping, norm_clip
 from .distance import bulyan, krum, krum_select, krum_select_batch, multi_krum
 from .geometric_median import geomed
@@ -95,10 +100,14 @@ __all__ = [
     "aggregate",
     "bulyan",
     "centered_clipping",
+    "cosine_distances",
     "dnc",
+    "flame",
+    "fltrust",
     "foolsgold",
     "foolsgold_weights",
     "geomed",
+    "hdbscan_majority",
     "hyperparameters",
     "krum",
     "krum_scores",
@@ -172,6 +181,9 @@ def aggregate(
             call["client_ids"] = (
                 ids[kept.to(ids.device)] if isinstance(ids, torch.Tensor) else [ids[i] for i in keep]
             )
+    if excluded and U.shape[0] < required_clients(name, int(call.get("f", 0)), call):
+        # the rows left are too few for the rule (e.g. FLAME's 3): keep the model this round
+        return rejected[0], {**rejected[1], "too_few_rows": U.shape[0]}
     out, own = fn(U, weights, **call)
     if not bool(torch.isfinite(out).all()):
         return rejected

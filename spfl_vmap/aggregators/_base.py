@@ -25,8 +25,9 @@ AGGREGATORS: Registry = Registry("aggregator")
 
 #: Keyword arguments the engine passes to every aggregator; a rule that does not take one of them
 #: simply does not get it. Any other key must be one of the rule's own hyperparameters.
-#: ``client_ids`` (the rows' client ids) is taken only by rules with a per-client history.
-ENGINE_KWARGS = frozenset({"f", "state", "generator", "client_ids"})
+#: ``client_ids`` (the rows' client ids) is taken only by rules with a per-client history,
+#: ``server_update`` (the server's root-set update) only by FLTrust.
+ENGINE_KWARGS = frozenset({"f", "state", "generator", "client_ids", "server_update"})
 
 # Metric keys whose values are row indices (remapped by ``aggregate()`` when rows are excluded)
 # and keys whose values hold one entry per row (expanded with ``None`` for excluded rows).
@@ -132,6 +133,7 @@ def required_clients(name: str, f: int, params: Mapping[str, Any] | None = None)
     - ``trimmed_mean``: ``n >= 2k + 1`` for ``k`` values trimmed per side; ``k`` is ``params["k"]``
       if given, else ``f`` (the default trim count), and any ``n >= 1`` when only ``beta`` is given
       (``floor(beta * n)`` with ``beta < 0.5`` always leaves a value).
+    - ``flame``: ``n >= 3`` (its majority cluster needs at least three clients).
     - every other rule: 1.
 
     Args:
@@ -162,6 +164,8 @@ def required_clients(name: str, f: int, params: Mapping[str, Any] | None = None)
         return least if m is None else max(least, m)
     if name == "bulyan":
         return 4 * f + 3
+    if name == "flame":
+        return 3
     if name == "trimmed_mean":
         k = int_param("k")
         if k is None and params.get("beta") is not None:
@@ -186,6 +190,7 @@ def check_clients(name: str, n: int, f: int, params: Mapping[str, Any] | None = 
         "krum": "2f+3 clients (Blanchard et al. 2017)",
         "multi_krum": "2f+3 clients (Blanchard et al. 2017)",
         "bulyan": "4f+3 clients (El Mhamdi et al. 2018)",
+        "flame": "3 clients (its HDBSCAN majority cluster needs them)",
     }.get(name, f"{least} clients")
     raise ConfigError(f"{name} needs n >= {why}; got n={n}, f={f} (minimum {least})")
 

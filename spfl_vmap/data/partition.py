@@ -111,3 +111,38 @@ def partition_stats(parts: list[np.ndarray], labels: np.ndarray) -> dict[str, di
     def mmm(a: np.ndarray) -> dict[str, float]:
         return {"min": int(a.min()), "median": float(np.median(a)), "max": int(a.max())}
     return {"samples": mmm(sizes), "classes": mmm(classes)}
+
+
+def stratified_holdout(labels: np.ndarray, n: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A class-stratified sample of ``n`` training indices held out for the server, and the rest.
+
+    Each class gets ``n // num_classes`` samples, and the first ``n % num_classes`` classes one
+    more (FLTrust's root set, Cao et al. 2021, and FLPoison's 100 class-stratified samples),
+    drawn without replacement with a generator seeded by ``(seed, "root_set")``.
+
+    Args:
+        labels: ``[n_train]`` integer labels.
+        n: root-set size, ``0 <= n``.
+        num_classes: number of classes.
+        seed: run seed.
+
+    Returns:
+        ``(root indices [n], remaining indices [n_train - n])``, both sorted int64.
+
+    Raises:
+        DataError: a class has fewer samples than its share.
+    """
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64), np.arange(len(labels), dtype=np.int64)
+    rng = np.random.default_rng(derive_seed(seed, "root_set"))
+    picked = []
+    for c in range(num_classes):
+        share = n // num_classes + (1 if c < n % num_classes else 0)
+        pool = np.flatnonzero(labels == c)
+        if len(pool) < share:
+            raise DataError(f"the server root set needs {share} samples of class {c}, but the training set has {len(pool)}; "
+                            f"lower --root_samples")
+        picked.append(rng.choice(pool, size=share, replace=False))
+    root = np.sort(np.concatenate(picked)).astype(np.int64)
+    rest = np.setdiff1d(np.arange(len(labels), dtype=np.int64), root, assume_unique=True)
+    return root, rest

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..config import Config
-from ..data import Dataset, load_dataset, pack_clients, partition, partition_stats
+from ..data import Dataset, load_dataset, pack_clients, partition, partition_stats, stratified_holdout
 from ..errors import ConfigError, SpflError
 from ..stages import BuildEnv, Metrics, Pipeline, RoundContext, Stage
 from .local import Trainer
@@ -90,7 +90,11 @@ class RoundLoop:
         )
         self.dataset = ds
         labels = ds.y_train.numpy()
-        parts = partition(labels, cfg.client_num_in_total, cfg.partition_method, cfg.partition_alpha, cfg.seed, cfg.partition_min_samples)
+        # the server's root set (FLTrust) is held out before the clients' partition
+        root, pool = stratified_holdout(labels, cfg.root_samples or 0, ds.num_classes, cfg.seed)
+        parts = partition(labels[pool], cfg.client_num_in_total, cfg.partition_method, cfg.partition_alpha, cfg.seed, cfg.partition_min_samples)
+        if len(root):
+            parts = [pool[p] for p in parts]
         self.parts = parts
         self.partition_stats = partition_stats(parts, labels)
         self.packed = pack_clients(ds.x_train, ds.y_train, parts, self.device)  # packed once
@@ -101,8 +105,9 @@ class RoundLoop:
         self.spec = ParamSpec.of(self.model)
         self.w = self.spec.flatten({k: p.detach() for k, p in self.model.named_parameters()}).clone()  # (D,)
         self.server_opt = ServerOptimizer(cfg.server_optimizer, cfg.effective_server_lr, cfg.server_momentum)
-        env = BuildEnv(self.model, self.spec, self.packed, self.counts, ds.num_classes, tuple(ds.input_shape), len(ds.y_train), self.device,
-                       self.x_test, self.y_test)
+        root_t = torch.from_numpy(root)
+        env = BuildEnv(self.model, self.spec, self.packed, self.counts, ds.num_classes, tuple(ds.input_shape), len(pool), self.device,
+                       self.x_test, self.y_test, x_root=ds.x_train[root_t].to(self.device), y_root=ds.y_train[root_t].to(self.device))
         self.trainer, self.pipeline = build(cfg, env)
         self.pipeline.state_dict()  # fails early if two stages share a name
         self.stopped: str | None = None  # why the run ended early (privacy budget)

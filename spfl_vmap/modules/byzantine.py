@@ -12,20 +12,31 @@ Stages (see ``spfl_vmap.stages``):
 * :class:`ByzantineAttack` (update stage): the registered attack rewrites malicious rows of ``U``;
 * :class:`RobustAggregation` (aggregation): the registered aggregator, with the non-finite-row
   policy of :func:`spfl_vmap.aggregators.aggregate`. Every run that is not DP-FedAvg uses it,
-  plain FedAvg (``mean``) included.
+  plain FedAvg (``mean``) included;
+* :class:`FLTrustAggregation` (aggregation of ``--by_defense fltrust``): FLTrust's server side
+  (Cao et al., "FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping", NDSS
+  2021). The root set is ``--root_samples`` class-stratified training samples (default 100)
+  that the round loop holds out before the clients' partition (``BuildEnv.x_root`` /
+  ``y_root``), so no client ever trains on them; every round the server trains a copy of the
+  global model on it with the clients' local procedure and the rule scores each client update
+  by its cosine to that server update.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..aggregators import AGGREGATORS, aggregate, check_clients, required_clients
 from ..attacks import ATTACKS, attack, attackers_quantile, data_poison
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
-from ..errors import ConfigError
-from ..rng import generator
+from ..data import dataset_meta, pack_clients
+from ..engine.local import VmapTrainer
+from ..engine.loop import LoopTrainer
+from ..errors import ConfigError, SpflError
+from ..rng import derive_seed, generator
 from ..stages import Adversary, Aggregation, BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
 
 MAX_LISTED = 100  # index lists longer than this are logged as counts only
@@ -72,6 +83,10 @@ def assumed_f(cfg: Config) -> int:
     return f
 
 
+#: FLTrust's root set: 100 class-stratified training samples (Cao et al. 2021 use 100 for
+#: MNIST-0.1 / Fashion-MNIST; FLPoison's ``fltrust.py`` default)
+FLTRUST_ROOT_SAMPLES = 100
+
 # the original toolkit's names (test/Byzantine_defense.sh), matched case-insensitively
 DEFENSE_ALIASES = {"avg": "mean", "mkrum": "multi_krum", "trimmed-mean": "trimmed_mean", "trimmed_mean": "trimmed_mean",
                    "median": "median", "krum": "krum", "bulyan": "bulyan", "dnc": "dnc"}
@@ -88,6 +103,8 @@ def canonical_names(cfg: Config) -> dict[str, Any]:
         out["by_defense"] = DEFENSE_ALIASES[d]
     if cfg.by_attack not in ATTACKS and a in ATTACK_ALIASES:
         out["by_attack"] = ATTACK_ALIASES[a]
+    if cfg.root_samples is None and out.get("by_defense", cfg.by_defense) == "fltrust":
+        out["root_samples"] = FLTRUST_ROOT_SAMPLES
     return out
 
 
@@ -108,6 +125,12 @@ def validate(cfg: Config) -> None:
         need(0 <= cfg.by_f < cfg.client_num_per_round, "--by_f must be in [0, client_num_per_round)")
     check_params("--by_defense_params", AGGREGATORS.get(cfg.by_defense), cfg.by_defense_params)
     check_params("--by_attack_params", ATTACKS.get(cfg.by_attack), cfg.by_attack_params)
+    root = cfg.root_samples or 0
+    need(root >= 0, f"--root_samples must be >= 0, got {root}")
+    if cfg.by_defense == "fltrust":
+        classes = dataset_meta(cfg.dataset).num_classes
+        need(root >= classes, f"--by_defense fltrust needs a server root set of at least one sample per class: "
+                              f"--root_samples >= {classes} for {cfg.dataset}, got {root}")
     try:  # the rule's own bound (Krum 2f+3, Bulyan 4f+3, ...), written once in the aggregators
         check_clients(cfg.by_defense, cfg.client_num_per_round, assumed_f(cfg), parse_params(cfg.by_defense_params))
     except ConfigError as e:
@@ -208,7 +231,8 @@ class RobustAggregation(Aggregation):
                 self.state[k] = v.to(U.device)
         agg, m = aggregate(
             self.rule, U, ctx.weights, f=min(self.f, U.shape[0] - 1), state=self.state,
-            generator=ctx.generator("aggregator", device=U.device), client_ids=ctx.client_ids, **self.kwargs,
+            generator=ctx.generator("aggregator", device=U.device), client_ids=ctx.client_ids,
+            **self.extra_kwargs(ctx), **self.kwargs,
         )
         out: Metrics = {}
         if m.get("round_rejected"):
@@ -226,8 +250,15 @@ class RobustAggregation(Aggregation):
                 if k not in out and k not in ("selected", "flagged", "scores", "nonfinite_excluded", "round_rejected") and isinstance(v, (int, float, bool)):
                     out[f"agg_{k}"] = v
             if "flagged" in m:
-                out["flagged"] = len(m["flagged"])
+                flagged = m["flagged"]
+                out["flagged"] = len(flagged)
+                idx = torch.tensor(flagged, dtype=torch.long, device=ctx.malicious.device)
+                out["malicious_flagged"] = int(ctx.malicious[idx].sum()) if flagged else 0
         return agg, out
+
+    def extra_kwargs(self, ctx: RoundContext) -> dict[str, Any]:
+        """Engine keywords a subclass computes per round (FLTrust's ``server_update``)."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}}
@@ -239,10 +270,49 @@ class RobustAggregation(Aggregation):
         return {"aggregator": self.rule}
 
 
+class FLTrustAggregation(RobustAggregation):
+    """The aggregation stage of ``--by_defense fltrust``: root-set update, then the rule.
+
+    The server update of round ``t`` is trained from the round's global model on the root set as
+    a one-client cohort (client id 0 of the root set, batches seeded by ``(seed, "fltrust_root",
+    ...)``, so they never coincide with a client's), without the clients' batch transforms: the
+    server is honest. In ``--use_gradient`` mode it is the root set's gradient, as the clients'.
+    """
+
+    def __init__(self, cfg: Config, env: BuildEnv) -> None:
+        super().__init__(cfg)
+        if env.x_root is None or env.y_root is None or len(env.y_root) == 0:
+            raise SpflError("--by_defense fltrust needs the server root set (--root_samples > 0)")
+        n = len(env.y_root)
+        self.root_size = n
+        packed = pack_clients(env.x_root, env.y_root, [np.arange(n)], env.device)
+        trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
+        self.trainer = trainer_cls(env.model, env.spec, packed, cfg, env.device)
+        self.seed = derive_seed(cfg.seed, "fltrust_root")
+
+    def server_update(self, ctx: RoundContext) -> torch.Tensor:
+        """``[D]`` the server's update (or gradient) on the root set from ``ctx.global_params``."""
+        root = RoundContext(
+            round=ctx.round, seed=self.seed, client_ids=[0], counts=[self.root_size],
+            malicious=torch.zeros(1, dtype=torch.bool, device=ctx.device),
+            weights=torch.tensor([float(self.root_size)], device=ctx.device),
+            global_params=ctx.global_params, spec=ctx.spec, device=ctx.device, num_classes=ctx.num_classes,
+            population=1, expected_cohort=1, use_gradient=ctx.use_gradient, server_lr=ctx.server_lr,
+        )
+        return self.trainer.train(root, ()).U[0]
+
+    def extra_kwargs(self, ctx: RoundContext) -> dict[str, Any]:
+        return {"server_update": self.server_update(ctx)}
+
+    def describe(self) -> dict[str, Any]:
+        return {"aggregator": self.rule, "root_samples": self.root_size}
+
+
 def stages(cfg: Config, env: BuildEnv) -> list[Stage]:
     """The module's stages for ``cfg``. The aggregator is always included (FedAvg's mean when the
     module is off); the builder replaces it with a fused aggregator where one is configured."""
-    out: list[Stage] = [RobustAggregation(cfg)]
+    # FLTrust's aggregation trains the server's own update on the root set every round
+    out: list[Stage] = [FLTrustAggregation(cfg, env) if cfg.by_defense == "fltrust" else RobustAggregation(cfg)]
     if not byzantine_on(cfg):
         return out
     out.append(MaliciousClients(cfg))

@@ -11,7 +11,7 @@ ALL = AGGREGATORS.names()
 
 def test_registry_names():
     assert ALL == sorted(["mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan", "dnc",
-                          "geomed", "centered_clipping", "signguard", "norm_clip", "rlr", "foolsgold"])
+                          "geomed", "centered_clipping", "signguard", "norm_clip", "rlr", "foolsgold", "flame", "fltrust"])
     with pytest.raises(ConfigError, match="unknown aggregator"):
         aggregate("krumm", torch.zeros(3, 2))
 
@@ -23,10 +23,15 @@ def test_nan_and_inf_rows_never_reach_the_result(name):
     U[0] = float("nan")
     U[1] = float("inf")
     U[2, 5] = float("-inf")  # one bad entry is enough
-    out, m = aggregate(name, U, torch.ones(n), f=f, state={}, generator=torch.Generator().manual_seed(1))
+    out, m = aggregate(name, U, torch.ones(n), f=f, state={}, generator=torch.Generator().manual_seed(1), **engine_extra(name, d))
     assert out.shape == (d,) and bool(torch.isfinite(out).all())
     assert m["nonfinite_excluded"] == [0, 1, 2] and m["round_rejected"] is False
     assert all(i >= 3 for i in m.get("selected", []))  # indices refer to U's rows
+
+
+def engine_extra(name: str, d: int) -> dict:
+    """Engine keywords a rule cannot run without: FLTrust's server update."""
+    return {"server_update": torch.randn(d, generator=torch.Generator().manual_seed(9))} if name == "fltrust" else {}
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -42,7 +47,7 @@ def test_finite_rows_whose_squared_norm_overflows_are_excluded(name):
     # 1e30 is a finite float32, but 1e30**2 is not: distances and norms of this row are inf.
     U = torch.randn(15, 4, generator=torch.Generator().manual_seed(3))
     U[7] = 1e30
-    out, m = aggregate(name, U, None, f=2)
+    out, m = aggregate(name, U, None, f=2, **engine_extra(name, 4))
     assert m["nonfinite_excluded"] == [7] and bool(torch.isfinite(out).all())
 
 

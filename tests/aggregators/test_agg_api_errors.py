@@ -41,7 +41,8 @@ def test_misspelled_hyperparameter_is_an_error_naming_it_and_listing_the_accepte
 
 @pytest.mark.parametrize("name", ALL)
 def test_engine_kwargs_reach_every_rule_without_error(name):
-    out, m = aggregate(name, data(15), torch.ones(15), f=2, state={}, generator=torch.Generator().manual_seed(1))
+    extra = {"server_update": torch.ones(4)} if name == "fltrust" else {}
+    out, m = aggregate(name, data(15), torch.ones(15), f=2, state={}, generator=torch.Generator().manual_seed(1), **extra)
     assert out.shape == (4,) and m["round_rejected"] is False
 
 
@@ -257,8 +258,9 @@ def test_required_clients_bounds():
 def test_rules_accept_exactly_the_required_cohort(name, f):
     # The rules check their bound through required_clients: n = required works, one fewer fails.
     n = required_clients(name, f)
-    out, _ = AGGREGATORS.get(name)(data(n, seed=f), None, f=f)
+    extra = {"server_update": torch.ones(4)} if name == "fltrust" else {}
+    out, _ = AGGREGATORS.get(name)(data(n, seed=f), None, f=f, **extra)
     assert out.shape == (4,)
     if n > 1:
         with pytest.raises(ConfigError, match="needs n"):
-            AGGREGATORS.get(name)(data(n - 1, seed=f), None, f=f)
+            AGGREGATORS.get(name)(data(n - 1, seed=f), None, f=f, **extra)
