@@ -1,7 +1,7 @@
 """The package's layering rules (docs/architecture.md), checked on the import statements.
 
-* the pure layer (kernels, aggregators, attacks, privacy maths and accountants) imports no engine,
-  config, module, builder or command-line code;
+* the pure layer (kernels, aggregators, attacks, privacy maths and accountants, certified defenses)
+  imports no engine, config, module, builder or command-line code;
 * the stage protocols import nothing above the base utilities;
 * the engine imports the stage protocols, not the module packages;
 * nothing in the library imports the command line;
@@ -17,9 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"spfl_vmap", "spfl_vmap.errors", "spfl_vmap.registry", "spfl_vmap.rng"}
-PURE = ("spfl_kernels", "spfl_vmap.aggregators", "spfl_vmap.attacks", "spfl_vmap.privacy")
+PURE = ("spfl_kernels", "spfl_vmap.aggregators", "spfl_vmap.attacks", "spfl_vmap.privacy", "spfl_vmap.defenses")
 ABOVE_ENGINE = ("spfl_vmap.modules", "spfl_vmap.builder", "spfl_vmap.aggregators", "spfl_vmap.attacks",
-                "spfl_vmap.privacy", "spfl_vmap.runner", "spfl_vmap.experiments", "spfl_vmap.cli")
+                "spfl_vmap.privacy", "spfl_vmap.defenses", "spfl_vmap.runner", "spfl_vmap.experiments", "spfl_vmap.cli")
 # third-party packages that may be imported inside a function: optional, or slow to import
 LAZY_OK = {"matplotlib", "opacus", "sklearn", "tqdm", "yaml", "wandb", "torchvision", "scipy", "triton"}
 

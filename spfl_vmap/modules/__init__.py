@@ -8,5 +8,6 @@ them; the round loop sees only the stage protocols.
 * :mod:`.byzantine`: malicious clients, attacks on ``U``, label poisoning, robust aggregation.
 * :mod:`.backdoor`: trigger poisoning (BadNets, DBA), model-replacement boost, attack success
   rate, clip-and-noise defenses.
+* :mod:`.crfl`: CRFL's global-model clip and noise (certified with ``spfl certify``).
 * :mod:`.privacy`: DP-SGD (example level), DP-FedAvg (user level), local DP, accounting.
 """
