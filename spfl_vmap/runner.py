@@ -168,15 +168,25 @@ class MetricsLog:
 
 
 def plot_accuracy(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Test accuracy vs round. When the rows carry the backdoor module's ``asr`` (and ``asr_all``),
+    both are drawn on the same axes (all three are fractions in [0, 1]) with a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["round"] for r in rows], [r["test_acc"] for r in rows], marker="o", ms=3)
+    ax.plot([r["round"] for r in rows], [r["test_acc"] for r in rows], marker="o", ms=3, label="test accuracy")
+    backdoor = [r for r in rows if r.get("asr") is not None]
+    if backdoor:
+        rounds = [r["round"] for r in backdoor]
+        ax.plot(rounds, [r["asr"] for r in backdoor], marker="o", ms=3, color="tab:red", label="attack success rate (asr)")
+        if all(r.get("asr_all") is not None for r in backdoor):
+            ax.plot(rounds, [r["asr_all"] for r in backdoor], ls="--", color="tab:red", alpha=0.6, label="asr_all (every triggered image)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy / attack success rate" if backdoor else "test accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     fig.tight_layout()

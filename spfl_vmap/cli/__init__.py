@@ -3,8 +3,10 @@
     spfl run   [flags]            train one configuration (flags: ``spfl run --help``)
     spfl matrix ...               attack x defense matrix
     spfl privacy-curve ...        accuracy vs epsilon
+    spfl backdoor-curve ...       attack success and accuracy vs norm bound (and noise)
     spfl bench engine|scale ...   vectorized engine vs the per-client loop
     spfl privacy-epsilon ...      epsilon of DP-SGD without training
+    spfl certify --run DIR ...    CRFL certified accuracy of a finished run
 
 Nothing in the library imports this package.
 
@@ -20,17 +22,20 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import SpflError
-from .experiments import cmd_bench, cmd_matrix, cmd_privacy_curve
+from .certify import cmd_certify
+from .experiments import cmd_backdoor_curve, cmd_bench, cmd_matrix, cmd_privacy_curve
 from .privacy_epsilon import privacy_epsilon_main
 from .run import cmd_run
 
 Command = Callable[[Sequence[str]], int]
 COMMANDS: dict[str, tuple[str, Command]] = {
     "run": ("train one configuration", cmd_run),
-    "matrix": ("attack x defense matrix of final accuracy (CSV, Markdown, heatmap)", cmd_matrix),
+    "matrix": ("attack x defense matrix of final accuracy, and ASR for bd: attacks (CSV, Markdown, heatmap)", cmd_matrix),
     "privacy-curve": ("accuracy vs epsilon: one calibrated run per epsilon (CSV + PNG)", cmd_privacy_curve),
-    "bench": ("benchmarks: bench engine (vectorized vs loop), bench scale (cohort size)", cmd_bench),
+    "backdoor-curve": ("backdoor success and accuracy vs norm bound and noise (Sun et al. 2019; CSV, Markdown, PNG)", cmd_backdoor_curve),
+    "bench": ("benchmarks: bench engine (vectorized vs loop), bench scale (cohort size), bench backdoor (cost of a backdoor)", cmd_bench),
     "privacy-epsilon": ("epsilon (or calibrated sigma) of DP-SGD, without training", privacy_epsilon_main),
+    "certify": ("CRFL: smooth a run's final model, certified accuracy vs backdoor radius (JSON + CSV)", cmd_certify),
 }
 
 

@@ -1,5 +1,5 @@
-"""``spfl matrix``, ``spfl privacy-curve`` and ``spfl bench``: argument parsing over
-``spfl_vmap.experiments``."""
+"""``spfl matrix``, ``spfl privacy-curve``, ``spfl backdoor-curve`` and ``spfl bench``: argument
+parsing over ``spfl_vmap.experiments``."""
 
 from __future__ import annotations
 
@@ -16,36 +16,64 @@ from ..aggregators import AGGREGATORS
 from ..attacks import ATTACKS
 from ..config import STRATEGIES
 from ..errors import ConfigError, SpflError
+from ..experiments.backdoor_curve import backdoor_curve, curve_configs, title_of, write_curve as write_backdoor_curve
 from ..experiments.bench import bench_engine, bench_scale, format_rows, plot_scale
-from ..experiments.matrix import run_matrix, split_params, write_outputs
+from ..experiments.matrix import (
+    BD,
+    attack_names,
+    backdoor_name,
+    check_axes,
+    defense_names,
+    run_matrix,
+    split_params,
+    write_outputs,
+)
 from ..experiments.privacy_curve import privacy_curve, write_curve
 from ..models import MODELS
+from ..modules.backdoor import defense as backdoor_defense
 from ..modules.byzantine import num_byzantine
 from ..modules.privacy import dp_mode
+from .bench_backdoor import cmd_bench_backdoor
 from .common import OneLineParser, add_config_flags, config_from_args, print_table
 
 
 def cmd_matrix(argv: Sequence[str]) -> int:
-    p = OneLineParser(prog="spfl matrix", description="Run every attack x defense pair.")
-    p.add_argument("--attacks", required=True, help="comma-separated attack names (include none for the baseline)")
-    p.add_argument("--defenses", required=True, help="comma-separated aggregator names")
+    p = OneLineParser(prog="spfl matrix", description="Run every attack x defense pair. Backdoors use the prefix bd: on both axes, "
+                      "e.g. --attacks none,bd:badnets --defenses mean,krum,bd:norm_bound --by_frac 0.2 --bd_clip 1; "
+                      "backdoor rows add the attack success rate (asr) to the CSV, table and heatmap.")
+    p.add_argument("--attacks", required=True,
+                   help="comma-separated attacks (include none for the baseline): Byzantine attacks or bd:<backdoor attack> "
+                        f"(--bd_attack); one of: {', '.join(attack_names())}")
+    p.add_argument("--defenses", required=True,
+                   help="comma-separated defenses: aggregators or bd:<backdoor defense stage> (--bd_defense, bounded by --bd_clip/"
+                        f"--bd_noise, in front of --by_defense, default mean); one of: {', '.join(defense_names())}")
     p.add_argument("--config", help="YAML/JSON file of run flags")
     add_config_flags(p)
     ns = p.parse_args(argv)
 
     attacks = [a.strip() for a in ns.attacks.split(",") if a.strip()]
     defenses = [d.strip() for d in ns.defenses.split(",") if d.strip()]
-    for a in attacks:
-        ATTACKS.get(a)
-    for d in defenses:
-        AGGREGATORS.get(d)
-    if not attacks or not defenses:
-        raise ConfigError("--attacks and --defenses need at least one name each")
-    attack_params = split_params(ATTACKS, attacks, getattr(ns, "by_attack_params", ""), "--by_attack_params")
-    defense_params = split_params(AGGREGATORS, defenses, getattr(ns, "by_defense_params", ""), "--by_defense_params")
+    check_axes(attacks, defenses)
+    byz_attacks = [a for a in attacks if not backdoor_name(a)]
+    bd_attacks = [backdoor_name(a) for a in attacks if backdoor_name(a)]
+    attack_text, defense_text = getattr(ns, "by_attack_params", ""), getattr(ns, "by_defense_params", "")
     ns.by_attack_params = ns.by_defense_params = ""  # applied per pair below
-    base = config_from_args(ns)
-    if num_byzantine(base) == 0 and any(a != "none" for a in attacks):
+    # the base carries the first backdoor attack so that its flags (--bd_boost ...) are validated
+    first_bd = bd_attacks[0] if bd_attacks else "none"
+    base = config_from_args(ns, extra_defaults={"bd_attack": first_bd})
+    if base.bd_attack != first_bd:
+        raise ConfigError(f"matrix sets --bd_attack per row: list backdoor attacks in --attacks as {BD}NAME instead")
+    if backdoor_defense(base) != "none":
+        raise ConfigError(f"matrix sets --bd_defense per column: list backdoor defenses in --defenses as {BD}NAME instead")
+    # a bd: column aggregates with --by_defense: it takes --by_defense_params too
+    aggregators = [d for d in defenses if not backdoor_name(d)]
+    if any(backdoor_name(d) for d in defenses) and base.by_defense not in aggregators:
+        aggregators.append(base.by_defense)
+    attack_params = split_params(ATTACKS, byz_attacks, attack_text, "--by_attack_params") if byz_attacks else {}
+    if attack_text and not byz_attacks:
+        raise ConfigError("--by_attack_params: the matrix has no Byzantine attack to take them")
+    defense_params = split_params(AGGREGATORS, aggregators, defense_text, "--by_defense_params")
+    if num_byzantine(base) == 0 and any(a != "none" for a in byz_attacks):
         raise ConfigError("attacks need Byzantine clients: add --by_frac F or --by_workers K")
     out = Path(base.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-matrix")
     out.mkdir(parents=True, exist_ok=True)
@@ -55,6 +83,40 @@ def cmd_matrix(argv: Sequence[str]) -> int:
     write_outputs(rows, attacks, defenses, out, title)
     print((out / "matrix.md").read_text())
     print_table([("csv", str(out / "matrix.csv")), ("heatmap", str(out / "matrix.png"))])
+    return 0
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+
+
+def cmd_backdoor_curve(argv: Sequence[str]) -> int:
+    p = OneLineParser(prog="spfl backdoor-curve",
+                      description="Sun et al. (2019), 'Can You Really Backdoor Federated Learning?': one run per (norm bound, noise) "
+                                  "with --bd_defense norm_bound --bd_clip BOUND --bd_noise NOISE, plus an undefended baseline; "
+                                  "plots the attack success rate and the accuracy against the bound (curve.csv, curve.md, curve.png). "
+                                  "Needs --bd_attack and malicious clients (--by_frac or --by_workers).")
+    p.add_argument("--bounds", required=True, help="comma-separated L2 norm bounds of a client update, e.g. 0.5,1,2,4")
+    p.add_argument("--noises", default="0", help="comma-separated std of the Gaussian noise on the aggregate (weak DP), "
+                                                 "e.g. 0,0.001,0.01 (default 0)")
+    p.add_argument("--config", help="YAML/JSON file of run flags")
+    add_config_flags(p)
+    ns = p.parse_args(argv)
+    bounds, noises = _floats(ns.bounds, "--bounds"), _floats(ns.noises, "--noises")
+    for flag in ("bd_defense", "bd_clip", "bd_noise"):
+        if flag in vars(ns):
+            raise ConfigError(f"--{flag} is set per run by --bounds and --noises: drop it")
+    base = config_from_args(ns)
+    out = Path(base.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-backdoor-curve")
+    curve_configs(base, bounds, noises, out)  # every point validated before the directory is made
+    out.mkdir(parents=True, exist_ok=True)
+    rows = backdoor_curve(base, bounds, noises, out)
+    write_backdoor_curve(rows, out, title_of(base))
+    print((out / "curve.md").read_text())
+    print_table([("csv", str(out / "curve.csv")), ("plot", str(out / "curve.png"))])
     return 0
 
 
@@ -182,9 +244,9 @@ def cmd_bench_scale(argv: Sequence[str]) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    subs = {"engine": cmd_bench_engine, "scale": cmd_bench_scale}
+    subs = {"engine": cmd_bench_engine, "scale": cmd_bench_scale, "backdoor": cmd_bench_backdoor}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: spfl bench engine|scale [flags]   (spfl bench engine --help)")
+        print("usage: spfl bench engine|scale|backdoor [flags]   (spfl bench engine --help)")
         return 0 if argv else 2
     if argv[0] not in subs:
         raise SpflError(f"unknown bench {argv[0]!r}; choose one of: {', '.join(subs)}")
