@@ -283,7 +283,10 @@ def poison_batch(
     Returns:
         ``(x', y')`` with the shapes of ``(x, y)``.
     """
-    x2 = torch.where(poisoned[..., None, None, None], apply_trigger(x, mask, value), x)
+    m = mask.to(device=x.device, dtype=torch.bool).unsqueeze(-3)  # (1, H, W) or (n, 1, 1, H, W)
+    hit = poisoned[..., None, None, None] & m  # (n, B, 1, H, W): the trigger's pixels of poisoned slots
+    v = torch.as_tensor(value, dtype=x.dtype, device=x.device).reshape(-1, 1, 1)  # (C or 1, 1, 1)
+    x2 = torch.where(hit, v, x)  # one pass over the batch
     y2 = torch.where(poisoned, torch.full_like(y, target), y)
     return x2, y2
 
