@@ -16,7 +16,7 @@ from .data import Dataset
 from .engine.local import Trainer, VmapTrainer
 from .engine.loop import LoopTrainer
 from .engine.simulator import RoundLoop
-from .modules import backdoor, byzantine, crfl, privacy
+from .modules import backdoor, byzantine, crfl, inference, privacy
 from .modules.dpsgd import DPSGDTrainer
 from .stages import BuildEnv, Pipeline, Stage, UniformSampler
 
@@ -24,6 +24,7 @@ from .stages import BuildEnv, Pipeline, Stage, UniformSampler
 MODULES: dict[str, Callable[[Config, BuildEnv], list[Stage]]] = {
     "byzantine": byzantine.stages,
     "backdoor": backdoor.stages,
+    "inference": inference.stages,  # client-side defenses (ATS on every client's batches, pruning): after the attacks
     "crfl": crfl.stages,  # after the backdoor module's server noise: the clip acts on the final model
     "privacy": privacy.stages,
 }

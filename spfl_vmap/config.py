@@ -188,6 +188,14 @@ class Config:
     crfl_rho_init: Optional[float] = field(default=None, metadata={"help": "CRFL's growing clip rho_t = min(crfl_rho, crfl_rho_init + crfl_rho_step * t) (authors' MNIST: 2 and 0.1); default: constant --crfl_rho"})
     crfl_rho_step: float = field(default=0.0, metadata={"help": "growth of the CRFL clip per round (needs --crfl_rho_init)"})
     crfl_sigma: float = field(default=0.01, metadata={"help": "CRFL Gaussian noise std added to the global model each round (authors' MNIST: 0.01)"})
+    # data-inference defenses: ATS image transformations (Gao et al. CVPR 2021; the toolkit's flag names)
+    # and gradient pruning (Zhu et al. 2019)
+    data_recovery_protection: bool = field(default=False, metadata={"help": "ATS: train every client on images transformed by the dataset's ATS policies (default: the top --topn 2, each image draws one)"})
+    augid: Optional[int] = field(default=None, metadata={"help": "ATS: use policy N of the dataset/model's list (the toolkit's --augid)"})
+    topn: Optional[int] = field(default=None, metadata={"help": "ATS: each image draws one of the top N policies of the list (the toolkit's --topn; default 2)"})
+    ats_policy: Optional[str] = field(default=None, metadata={"help": "ATS: an explicit policy of sub-policy ids such as 3-1-7, or a hybrid 3-1-7+43-18-18"})
+    ats_use_prob: bool = field(default=False, metadata={"help": "ATS: apply each op with its listed probability (ATS's code applies every op)"})
+    grad_prune: Optional[float] = field(default=None, metadata={"help": "gradient pruning (Zhu et al. 2019): zero each update's entries below this quantile of |entry| in each layer, e.g. 0.6"})
 
     def __post_init__(self) -> None:
         check_types(self)

@@ -113,6 +113,9 @@ def toolkit_notes(ns: argparse.Namespace, cfg: Config) -> list[str]:
         notes.append(f"note: --backdoor_test: each attacker (client index % {cfg.backdoor_test_frequency} == 0) trains once, on "
                      f"batches with {cfg.bd_poison_frac:g} of the samples poisoned, instead of the toolkit's clean and fully "
                      f"poisoned pair of models (spfl_vmap.modules.backdoor.toolkit_backdoor_test says why)")
+    if cfg.data_recovery_protection and cfg.dataset in ("cifar10", "cifar100"):
+        notes.append("note: --data_recovery_protection applies the ATS policies only; the toolkit's CIFAR pipeline also "
+                     "crops, flips and cuts out (RandomCrop(32, 4), RandomHorizontalFlip, Cutout(16)), which is not done here")
     if ns.tk_no_save_to_localfile:
         notes.append("note: --no_save_to_localfile ignored: spfl always writes its run directory, the record of the run")
     return notes

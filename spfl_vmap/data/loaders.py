@@ -237,6 +237,20 @@ def normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     return (x - m) / s
 
 
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+# Per-channel (mean, std) each image dataset is normalised with: ``x = (pixel - mean) / std`` for
+# pixels in [0, 1]. Pixel-space code (ATS transforms, inversion metrics) undoes it with these.
+# ``digits`` and ``synthetic`` are not in it: digits is normalised with statistics of its own
+# split, synthetic has no pixel space.
+PIXEL_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "mnist": (MNIST_MEAN, MNIST_STD),
+    "mnist_rgb": (MNIST_MEAN * 3, MNIST_STD * 3),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
 @register("fashion_mnist", DatasetMeta((1, 28, 28), 10))
 def load_fashion_mnist(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
     """FashionMNIST (Xiao et al. 2017): 60k/10k 28x28 grayscale, 10 classes."""
@@ -245,16 +259,13 @@ def load_fashion_mnist(data_dir: str = "./data", download: bool = False, **_) ->
     xtr, ytr, xte, yte, src = load_idx_dataset(
         "fashion_mnist", "FashionMNIST", data_dir, download, [DEBIAN_FASHION_MNIST], fix, system_repair=repair
     )
-    mean, std = (0.2860,), (0.3530,)
+    mean, std = PIXEL_NORMALIZATION["fashion_mnist"]
     return Dataset("fashion_mnist", normalise(xtr, mean, std), ytr, normalise(xte, mean, std), yte, 10, src)
 
 
 def _mnist_raw(data_dir: str, download: bool):
     fix = "put torchvision's MNIST files in <data_dir>/MNIST/raw or pass --download"
     return load_idx_dataset("mnist", "MNIST", data_dir, download, [], fix)
-
-
-MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 @register("mnist", DatasetMeta((1, 28, 28), 10))
@@ -274,7 +285,7 @@ def to_rgb32(x: torch.Tensor) -> torch.Tensor:
 def load_mnist_rgb(data_dir: str = "./data", download: bool = False, **_) -> Dataset:
     """MNIST as 3x32x32, as the original toolkit fed its ConvNet runs."""
     xtr, ytr, xte, yte, src = _mnist_raw(data_dir, download)
-    m3, s3 = MNIST_MEAN * 3, MNIST_STD * 3
+    m3, s3 = PIXEL_NORMALIZATION["mnist_rgb"]
     return Dataset("mnist_rgb", normalise(to_rgb32(xtr), m3, s3), ytr, normalise(to_rgb32(xte), m3, s3), yte, 10, src)
 
 
@@ -367,7 +378,7 @@ def load_cifar10(data_dir: str = "./data", download: bool = False, **_) -> Datas
         "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels",
         "CIFAR10", data_dir, download, 10,
     )
-    mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    mean, std = PIXEL_NORMALIZATION["cifar10"]
     return Dataset("cifar10", normalise(xtr, mean, std), ytr, normalise(xte, mean, std), yte, 10, src)
 
 
@@ -377,7 +388,7 @@ def load_cifar100(data_dir: str = "./data", download: bool = False, **_) -> Data
     xtr, ytr, xte, yte, src = _load_cifar(
         "cifar100", "cifar-100-python", ["train"], "test", "fine_labels", "CIFAR100", data_dir, download, 100,
     )
-    mean, std = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    mean, std = PIXEL_NORMALIZATION["cifar100"]
     return Dataset("cifar100", normalise(xtr, mean, std), ytr, normalise(xte, mean, std), yte, 100, src)
 
 

@@ -1,9 +1,15 @@
-"""Certified defenses (the pure layer): the maths, no engine, config or module code.
+"""Defenses (the pure layer): the maths, no engine, config or module code.
 
 * :mod:`spfl_vmap.defenses.crfl`: CRFL (Xie, Chen, Chen & Li, "CRFL: Certifiably Robust
   Federated Learning against Backdoor Attacks", ICML 2021): the global-model clip, the parameter
   smoothing vote's confidence bounds and the certified radius. The round stage that uses them is
   ``spfl_vmap.modules.crfl``; ``spfl certify`` (``spfl_vmap.experiments.certify``) certifies a run.
+* :mod:`spfl_vmap.defenses.ats`: ATS (Gao et al., CVPR 2021): the 50 image-transformation
+  sub-policies as batched tensor ops, the toolkit's policy lists and :func:`~spfl_vmap.defenses.ats.apply_policy`.
+* :mod:`spfl_vmap.defenses.pruning`: gradient pruning (Zhu et al., "Deep Leakage from Gradients",
+  NeurIPS 2019), per layer and per client over ``U (N, D)``.
+
+The stages that use the last two are in ``spfl_vmap.modules.inference``.
 """
 
 from .crfl import (

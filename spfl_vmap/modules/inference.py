@@ -1,0 +1,207 @@
+"""Data-inference defenses as round stages: ATS image transformations and gradient pruning.
+
+* :class:`ATSTransform` (batch transform, ``--data_recovery_protection``): every client trains on
+  images transformed by ATS policies (Gao et al., "Privacy-preserving Collaborative Learning with
+  Automatic Transformation Search", CVPR 2021), so what it uploads is the gradient of transformed
+  images. It is a client-side defense: it acts on every client's training batches, honest or
+  not, and never on the evaluation (the toolkit's validation set is unpolicied by default).
+* :class:`GradientPruning` (update stage, ``--grad_prune``): each client zeroes the entries of
+  its update below the ``rate`` quantile of their layer (Zhu et al., "Deep Leakage from
+  Gradients", NeurIPS 2019).
+
+The toolkit's flags (csl-cqu/Roubst-and-Privacy-preserving-Federated-Learning-System,
+``main_fedavg.py`` and ``modules/data_inference_defense/defense/defense.py::get_policy``):
+``--data_recovery_protection`` switches ATS on; ``--augid N`` uses policy ``N`` of the list for the
+dataset and model; otherwise ``--topn K`` (default 2) makes a hybrid of the top ``K`` policies, in
+which each image draws one uniformly (``PolicyHybrid``). ``--ats_policy 3-1-7`` (or a hybrid
+``3-1-7+43-18-18``) gives a policy directly. The lists are the toolkit's ``policy_list_*.csv``
+(:data:`spfl_vmap.defenses.ats.POLICY_LISTS`); FashionMNIST and MNIST have none of their own and
+use the toolkit's mnistRGB list (ATS's own search for them is the ``spfl ats-search`` to come).
+Like the toolkit, a model without a list of its own for the dataset uses the dataset's first list.
+
+What differs from the toolkit: its pipelines also crop, flip and cut out CIFAR images
+(``RandomCrop(32, 4)``, ``RandomHorizontalFlip``, ``Cutout(16)``), which are data augmentation
+rather than the defense and are not applied here; the transforms compute in float without PIL's
+rounding to 8 bits after each op (``spfl_vmap.defenses.ats`` says where that matters).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..attacks.backdoor import content_keys, hash_uniform
+from ..config import NORMALIZERS, SECTIONS, Config, need
+from ..data.loaders import PIXEL_NORMALIZATION
+from ..defenses.ats import POLICY_LISTS, Policy, apply_policy, describe_policy, num_draws, parse_policies, parse_policy, policy_name
+from ..defenses.pruning import prune_per_layer
+from ..errors import ConfigError
+from ..stages import BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
+
+TOOLKIT_TOPN = 2  # main_fedavg.py: --topn default
+# our dataset -> the toolkit's policy-list name (policy_list_{name}.csv)
+LIST_OF_DATASET = {"mnist_rgb": "mnistRGB", "mnist": "mnistRGB", "fashion_mnist": "mnistRGB", "cifar10": "cifar10", "cifar100": "cifar100"}
+DATASET_ALIASES = {"mnistRGB": "mnist_rgb"}  # the toolkit's dataset name (test/datarecovery_defense.sh)
+
+
+# ---- the config section -----------------------------------------------------------------------
+@NORMALIZERS.register("inference")
+def toolkit_dataset_name(cfg: Config) -> dict[str, Any]:
+    """The toolkit's ``--dataset mnistRGB`` is our ``mnist_rgb`` (MNIST as 3x32x32)."""
+    return {"dataset": DATASET_ALIASES[cfg.dataset]} if cfg.dataset in DATASET_ALIASES else {}
+
+
+def policy_list(cfg: Config) -> tuple[str, tuple[str, ...]]:
+    """``("mnistRGB/convnet", policies)``: the toolkit's list for ``cfg``'s dataset and model.
+
+    A model without its own list gets the dataset's first (the toolkit's ``get_policy`` does the
+    same, with a warning). A dataset without a list is a :class:`ConfigError`.
+    """
+    name = LIST_OF_DATASET.get(cfg.dataset)
+    if name is None:
+        known = ", ".join(sorted(LIST_OF_DATASET))
+        raise ConfigError(f"--data_recovery_protection: no ATS policy list for dataset {cfg.dataset} (lists exist for {known}); "
+                          f"give a policy with --ats_policy, e.g. --ats_policy 3-1-7")
+    models = [m for (d, m) in POLICY_LISTS if d == name]
+    model = cfg.model if cfg.model in models else models[0]
+    return f"{name}/{model}", POLICY_LISTS[(name, model)]
+
+
+def resolve_policies(cfg: Config) -> tuple[str, tuple[Policy, ...]]:
+    """``(where they come from, the policies)`` that ATS applies for ``cfg`` (validated config)."""
+    if cfg.ats_policy is not None:
+        return "--ats_policy", parse_policies(cfg.ats_policy)
+    source, names = policy_list(cfg)
+    if cfg.augid is not None:
+        return f"{source}[{cfg.augid}]", (parse_policy(names[cfg.augid]),)
+    k = cfg.topn if cfg.topn is not None else min(TOOLKIT_TOPN, len(names))
+    return f"{source}[:{k}]", tuple(parse_policy(s) for s in names[:k])
+
+
+def ats_on(cfg: Config) -> bool:
+    return cfg.data_recovery_protection
+
+
+@SECTIONS.register("inference")
+def validate(cfg: Config) -> None:
+    """``--data_recovery_protection`` with at most one of ``--augid`` / ``--topn`` /
+    ``--ats_policy``, each within the list; ``--grad_prune`` a fraction in ``(0, 1)``."""
+    if cfg.grad_prune is not None:
+        r = cfg.grad_prune
+        need(math.isfinite(r) and 0.0 < r < 1.0,
+             f"--grad_prune is the fraction of each layer pruned, in (0, 1) (Soteria's --pruning_rate 60 is 0.6), got {r}")
+    given = [f"--{k}" for k in ("augid", "topn", "ats_policy") if getattr(cfg, k) is not None]
+    if not ats_on(cfg):
+        given += ["--ats_use_prob"] if cfg.ats_use_prob else []
+        need(not given, f"{', '.join(given)} choose the ATS policies: add --data_recovery_protection")
+        return
+    need(len(given) <= 1, f"give one of --augid, --topn, --ats_policy, not {' and '.join(given)}")
+    if cfg.ats_policy is not None:
+        parse_policies(cfg.ats_policy)  # one-line error on a bad id
+        return
+    source, names = policy_list(cfg)
+    if cfg.augid is not None:
+        need(0 <= cfg.augid < len(names), f"--augid {cfg.augid} is out of range: the ATS list {source} has {len(names)} "
+                                          f"policies (0..{len(names) - 1})")
+    if cfg.topn is not None:
+        need(1 <= cfg.topn <= len(names), f"--topn {cfg.topn}: the ATS list {source} has {len(names)} policies "
+                                          f"(--topn 1..{len(names)})")
+
+
+# ---- stages -------------------------------------------------------------------------------------
+def pixel_normalization(cfg: Config, env: BuildEnv) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean (C, 1, 1), std (C, 1, 1))`` with ``x = (pixel - mean) / std`` for pixels in ``[0, 1]``.
+
+    The dataset's own constants (``spfl_vmap.data.loaders.PIXEL_NORMALIZATION``); for datasets
+    without them (``digits``, ``synthetic``) the training data's per-channel range ``[lo, hi]``
+    is mapped onto ``[0, 1]`` (exact for digits, whose levels 0 and 16 both occur).
+    """
+    if cfg.dataset in PIXEL_NORMALIZATION:
+        mean, std = (torch.tensor(v, dtype=torch.float32) for v in PIXEL_NORMALIZATION[cfg.dataset])
+    else:
+        lo, hi = env.packed.x.amin(dim=(0, 2, 3)).float().cpu(), env.packed.x.amax(dim=(0, 2, 3)).float().cpu()  # (C,)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        mean, std = -lo / span, 1.0 / span
+    return mean.view(-1, 1, 1).to(env.device), std.view(-1, 1, 1).to(env.device)
+
+
+class ATSTransform(BatchTransform):
+    """Round step 4: every client's training images go through its ATS policy (all clients).
+
+    The images are taken to pixel space (``x * std + mean``, clamped to ``[0, 1]``), transformed by
+    :func:`~spfl_vmap.defenses.ats.apply_policy` and normalised again. Each image's draws (which
+    policy of a hybrid, each op's sign, and with ``--ats_use_prob`` each op's gate) are
+    ``hash_uniform(derive_seed(seed, "ats", round), client id, sample, slot, draw)``, with the
+    sample identified by :func:`~spfl_vmap.attacks.backdoor.content_keys`, as the backdoor
+    module's poisoning does: a transform is not told the local step, and a generator drawn per
+    call would depend on ``--client_chunk``, while the hash depends only on the round, the client
+    and its batch, so every chunking and every engine transforms the same images the same way.
+    ATS draws afresh on every load of an image; here an image at the same slot of the same
+    client's batch twice in one round (a client with a single batch and no reshuffle between its
+    epochs) gets the same draw both times.
+    """
+
+    name = "ats"
+
+    def __init__(self, cfg: Config, env: BuildEnv) -> None:
+        self.source, self.policies = resolve_policies(cfg)
+        self.use_prob = cfg.ats_use_prob
+        self.mean, self.std = pixel_normalization(cfg, env)  # (C, 1, 1)
+        self.draws = num_draws(self.policies)
+
+    def apply(
+        self, ctx: RoundContext, x: torch.Tensor, y: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], Metrics]:
+        n, B = y.shape
+        ids = torch.tensor(ctx.client_ids, dtype=torch.long, device=y.device)[rows.to(y.device)]  # (n,)
+        slots = torch.arange(B, device=y.device)
+        draw = torch.arange(self.draws, device=y.device)
+        u = hash_uniform(ctx.seed_for("ats"), ids[:, None, None], content_keys(x, y)[..., None], slots[None, :, None],
+                         draw[None, None, :])  # (n, B, draws)
+        mean, std = self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype)
+        pixels = (x * std + mean).clamp(0.0, 1.0)  # (n, B, C, H, W)
+        out = apply_policy(pixels, self.policies, u, self.use_prob)
+        return ((out - mean) / std, y), {}
+
+    def describe(self) -> dict[str, Any]:
+        return {"ats": {"policies": [policy_name(p) for p in self.policies], "source": self.source,
+                        "ops": [describe_policy(p) for p in self.policies], "use_prob": self.use_prob,
+                        "pixel_mean": [float(v) for v in self.mean.flatten()],
+                        "pixel_std": [float(v) for v in self.std.flatten()]}}
+
+
+class GradientPruning(UpdateStage):
+    """Round step 7 (a client-side defense, on every row): per layer, each client's update keeps
+    only its entries of magnitude at least the ``rate`` quantile of that layer
+    (:func:`~spfl_vmap.defenses.pruning.prune_per_layer`; Zhu et al. 2019).
+
+    Metrics: ``grad_prune_kept``, the mean fraction of entries kept.
+    """
+
+    name = "grad_prune"
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        out, kept = prune_per_layer(U, ctx.spec.numels, self.rate)  # (N, D), (N,)
+        return out, {"grad_prune_kept": float(kept.mean())}
+
+    def describe(self) -> dict[str, Any]:
+        return {"grad_prune": {"rate": self.rate, "per": "parameter tensor, per client"}}
+
+
+def stages(cfg: Config, env: BuildEnv) -> list[Stage]:
+    """ATS's batch transform and the pruning stage, each when its flag is on."""
+    out: list[Stage] = []
+    if ats_on(cfg):
+        out.append(ATSTransform(cfg, env))
+    if cfg.grad_prune is not None:
+        out.append(GradientPruning(cfg.grad_prune))
+    return out
+
+
+__all__ = ["ATSTransform", "GradientPruning", "pixel_normalization", "policy_list", "resolve_policies", "stages",
+           "toolkit_dataset_name", "validate"]
