@@ -21,7 +21,7 @@ PURE = ("spfl_kernels", "spfl_vmap.aggregators", "spfl_vmap.attacks", "spfl_vmap
 ABOVE_ENGINE = ("spfl_vmap.modules", "spfl_vmap.builder", "spfl_vmap.aggregators", "spfl_vmap.attacks",
                 "spfl_vmap.privacy", "spfl_vmap.defenses", "spfl_vmap.runner", "spfl_vmap.experiments", "spfl_vmap.cli")
 # third-party packages that may be imported inside a function: optional, or slow to import
-LAZY_OK = {"matplotlib", "opacus", "sklearn", "tqdm", "yaml", "wandb", "torchvision", "scipy", "triton"}
+LAZY_OK = {"matplotlib", "opacus", "sklearn", "tqdm", "yaml", "wandb", "torchvision", "scipy", "triton", "torchmetrics"}
 
 
 def package_sources() -> dict[str, str]:

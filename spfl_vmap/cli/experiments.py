@@ -35,6 +35,7 @@ from ..modules.byzantine import num_byzantine
 from ..modules.privacy import dp_mode
 from .bench_backdoor import cmd_bench_backdoor
 from .common import OneLineParser, add_config_flags, config_from_args, print_table
+from .invert import cmd_bench_inversion
 
 
 def cmd_matrix(argv: Sequence[str]) -> int:
@@ -244,9 +245,9 @@ def cmd_bench_scale(argv: Sequence[str]) -> int:
 
 
 def cmd_bench(argv: Sequence[str]) -> int:
-    subs = {"engine": cmd_bench_engine, "scale": cmd_bench_scale, "backdoor": cmd_bench_backdoor}
+    subs = {"engine": cmd_bench_engine, "scale": cmd_bench_scale, "backdoor": cmd_bench_backdoor, "inversion": cmd_bench_inversion}
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: spfl bench engine|scale|backdoor [flags]   (spfl bench engine --help)")
+        print("usage: spfl bench engine|scale|backdoor|inversion [flags]   (spfl bench engine --help)")
         return 0 if argv else 2
     if argv[0] not in subs:
         raise SpflError(f"unknown bench {argv[0]!r}; choose one of: {', '.join(subs)}")
