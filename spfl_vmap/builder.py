@@ -37,6 +37,15 @@ def dp_user_level_needs_mean(cfg: Config) -> None:
         need(cfg.by_defense == "mean", "--dp_mode user sums clipped updates; it cannot be combined with a robust --by_defense")
 
 
+@RULES.register("soteria_outside_example_dp")
+def soteria_not_with_example_dp(cfg: Config) -> None:
+    """Soteria's mask is computed from the client's raw samples, outside DP-SGD's per-example clip
+    and noise, so the zeroed columns would leak what example-level DP accounts for."""
+    need(not (cfg.soteria_rate is not None and privacy.dp_mode(cfg) == "example"),
+         "--soteria_rate computes its mask from raw samples outside DP-SGD's clip and noise; it cannot be combined with "
+         "--dp_mode example (user-level and local DP are fine)")
+
+
 @RULES.register("one_attack_on_malicious_clients")
 def one_attack(cfg: Config) -> None:
     """The backdoor and the Byzantine attacks both rewrite the malicious clients: only one may."""

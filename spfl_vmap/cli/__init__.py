@@ -7,6 +7,8 @@
     spfl bench engine|scale ...   vectorized engine vs the per-client loop
     spfl privacy-epsilon ...      epsilon of DP-SGD without training
     spfl certify --run DIR ...    CRFL certified accuracy of a finished run
+    spfl invert --attack ig ...   reconstruct clients' images from their uploads
+    spfl ats-search ...           ATS policy search: ranked CSV of transformation policies
 
 Nothing in the library imports this package.
 
@@ -22,8 +24,10 @@ from typing import Callable, Sequence
 
 from .. import __version__
 from ..errors import SpflError
+from .ats_search import cmd_ats_search
 from .certify import cmd_certify
 from .experiments import cmd_backdoor_curve, cmd_bench, cmd_matrix, cmd_privacy_curve
+from .invert import cmd_invert
 from .privacy_epsilon import privacy_epsilon_main
 from .run import cmd_run
 
@@ -33,9 +37,11 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "matrix": ("attack x defense matrix of final accuracy, and ASR for bd: attacks (CSV, Markdown, heatmap)", cmd_matrix),
     "privacy-curve": ("accuracy vs epsilon: one calibrated run per epsilon (CSV + PNG)", cmd_privacy_curve),
     "backdoor-curve": ("backdoor success and accuracy vs norm bound and noise (Sun et al. 2019; CSV, Markdown, PNG)", cmd_backdoor_curve),
-    "bench": ("benchmarks: bench engine (vectorized vs loop), bench scale (cohort size), bench backdoor (cost of a backdoor)", cmd_bench),
+    "bench": ("benchmarks: bench engine (vectorized vs loop), bench scale (cohort size), bench backdoor (cost of a backdoor), bench inversion (batched vs looped attack)", cmd_bench),
     "privacy-epsilon": ("epsilon (or calibrated sigma) of DP-SGD, without training", privacy_epsilon_main),
     "certify": ("CRFL: smooth a run's final model, certified accuracy vs backdoor radius (JSON + CSV)", cmd_certify),
+    "invert": ("gradient inversion (DLG, iDLG, Inverting Gradients) of clients' uploads: PSNR, SSIM, labels (JSON + PNG)", cmd_invert),
+    "ats-search": ("ATS policy search: S_pri and S_acc of random transformation policies, ranked CSV for --ats_policy_file", cmd_ats_search),
 }
 
 

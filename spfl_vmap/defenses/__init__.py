@@ -8,8 +8,12 @@
   sub-policies as batched tensor ops, the toolkit's policy lists and :func:`~spfl_vmap.defenses.ats.apply_policy`.
 * :mod:`spfl_vmap.defenses.pruning`: gradient pruning (Zhu et al., "Deep Leakage from Gradients",
   NeurIPS 2019), per layer and per client over ``U (N, D)``.
+* :mod:`spfl_vmap.defenses.ats_search`: ATS's policy search scores (S_pri, S_acc), batched over
+  candidate policies, and the ranked policy CSV (``spfl ats-search``).
+* :mod:`spfl_vmap.defenses.soteria`: Soteria (Sun et al., CVPR 2021), pruning the last layer's
+  gradient columns of the representation features that leak the most.
 
-The stages that use the last two are in ``spfl_vmap.modules.inference``.
+The stages that use ATS, pruning and Soteria are in ``spfl_vmap.modules.inference``.
 """
 
 from .crfl import (

@@ -1,4 +1,4 @@
-"""Data-inference defenses as round stages: ATS image transformations and gradient pruning.
+"""Data-inference defenses as round stages: ATS image transformations, Soteria and gradient pruning.
 
 * :class:`ATSTransform` (batch transform, ``--data_recovery_protection``): every client trains on
   images transformed by ATS policies (Gao et al., "Privacy-preserving Collaborative Learning with
@@ -8,6 +8,8 @@
 * :class:`GradientPruning` (update stage, ``--grad_prune``): each client zeroes the entries of
   its update below the ``rate`` quantile of their layer (Zhu et al., "Deep Leakage from
   Gradients", NeurIPS 2019).
+* :class:`SoteriaPruning` (update stage, ``--soteria_rate``): each client zeroes the last layer's
+  weight-gradient columns of the representation features that leak the most (Sun et al., CVPR 2021).
 
 The toolkit's flags (csl-cqu/Roubst-and-Privacy-preserving-Federated-Learning-System,
 ``main_fedavg.py`` and ``modules/data_inference_defense/defense/defense.py::get_policy``):
@@ -16,7 +18,9 @@ dataset and model; otherwise ``--topn K`` (default 2) makes a hybrid of the top 
 which each image draws one uniformly (``PolicyHybrid``). ``--ats_policy 3-1-7`` (or a hybrid
 ``3-1-7+43-18-18``) gives a policy directly. The lists are the toolkit's ``policy_list_*.csv``
 (:data:`spfl_vmap.defenses.ats.POLICY_LISTS`); FashionMNIST and MNIST have none of their own and
-use the toolkit's mnistRGB list (ATS's own search for them is the ``spfl ats-search`` to come).
+use the toolkit's mnistRGB list. ``--ats_policy_file CSV`` replaces the list with the kept
+policies of a ranked CSV written by ``spfl ats-search`` (ATS's own search,
+``spfl_vmap.experiments.ats_search``), and ``--augid``/``--topn`` then choose from it.
 Like the toolkit, a model without a list of its own for the dataset uses the dataset's first list.
 
 What differs from the toolkit: its pipelines also crop, flip and cut out CIFAR images
@@ -28,7 +32,7 @@ rounding to 8 bits after each op (``spfl_vmap.defenses.ats`` says where that mat
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -36,7 +40,9 @@ from ..attacks.backdoor import content_keys, hash_uniform
 from ..config import NORMALIZERS, SECTIONS, Config, need
 from ..data.loaders import PIXEL_NORMALIZATION
 from ..defenses.ats import POLICY_LISTS, Policy, apply_policy, describe_policy, num_draws, parse_policies, parse_policy, policy_name
+from ..defenses.ats_search import read_policy_csv
 from ..defenses.pruning import prune_per_layer
+from ..defenses.soteria import prune_columns, representation_model, representation_ratios, soteria_keep
 from ..errors import ConfigError
 from ..stages import BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
 
@@ -57,8 +63,11 @@ def policy_list(cfg: Config) -> tuple[str, tuple[str, ...]]:
     """``("mnistRGB/convnet", policies)``: the toolkit's list for ``cfg``'s dataset and model.
 
     A model without its own list gets the dataset's first (the toolkit's ``get_policy`` does the
-    same, with a warning). A dataset without a list is a :class:`ConfigError`.
+    same, with a warning). A dataset without a list is a :class:`ConfigError`. With
+    ``--ats_policy_file`` the list is that file's kept policies (``spfl ats-search``'s ranked CSV).
     """
+    if cfg.ats_policy_file is not None:
+        return cfg.ats_policy_file, read_policy_csv(cfg.ats_policy_file)
     name = LIST_OF_DATASET.get(cfg.dataset)
     if name is None:
         known = ", ".join(sorted(LIST_OF_DATASET))
@@ -87,17 +96,28 @@ def ats_on(cfg: Config) -> bool:
 @SECTIONS.register("inference")
 def validate(cfg: Config) -> None:
     """``--data_recovery_protection`` with at most one of ``--augid`` / ``--topn`` /
-    ``--ats_policy``, each within the list; ``--grad_prune`` a fraction in ``(0, 1)``."""
+    ``--ats_policy``, each within the list (the dataset's, or ``--ats_policy_file``'s);
+    ``--grad_prune`` and ``--soteria_rate`` fractions in ``(0, 1)``."""
     if cfg.grad_prune is not None:
         r = cfg.grad_prune
         need(math.isfinite(r) and 0.0 < r < 1.0,
              f"--grad_prune is the fraction of each layer pruned, in (0, 1) (Soteria's --pruning_rate 60 is 0.6), got {r}")
+    if cfg.soteria_rate is not None:
+        r = cfg.soteria_rate
+        need(math.isfinite(r) and 0.0 < r < 1.0, f"--soteria_rate is the fraction of the last layer's features pruned, in (0, 1) "
+                                                 f"(Soteria's --pruning_rate 60 is --soteria_rate 0.6), got {r}")
+    if cfg.soteria_samples is not None:
+        need(cfg.soteria_rate is not None, "--soteria_samples sets how Soteria computes its ratio: add --soteria_rate")
+        need(cfg.soteria_samples >= 1, f"--soteria_samples must be >= 1, got {cfg.soteria_samples}")
     given = [f"--{k}" for k in ("augid", "topn", "ats_policy") if getattr(cfg, k) is not None]
     if not ats_on(cfg):
+        given += ["--ats_policy_file"] if cfg.ats_policy_file is not None else []
         given += ["--ats_use_prob"] if cfg.ats_use_prob else []
         need(not given, f"{', '.join(given)} choose the ATS policies: add --data_recovery_protection")
         return
     need(len(given) <= 1, f"give one of --augid, --topn, --ats_policy, not {' and '.join(given)}")
+    need(cfg.ats_policy is None or cfg.ats_policy_file is None,
+         "give one of --ats_policy, --ats_policy_file, not both (--augid/--topn choose from the file)")
     if cfg.ats_policy is not None:
         parse_policies(cfg.ats_policy)  # one-line error on a bad id
         return
@@ -118,13 +138,23 @@ def pixel_normalization(cfg: Config, env: BuildEnv) -> tuple[torch.Tensor, torch
     without them (``digits``, ``synthetic``) the training data's per-channel range ``[lo, hi]``
     is mapped onto ``[0, 1]`` (exact for digits, whose levels 0 and 16 both occur).
     """
-    if cfg.dataset in PIXEL_NORMALIZATION:
-        mean, std = (torch.tensor(v, dtype=torch.float32) for v in PIXEL_NORMALIZATION[cfg.dataset])
+    mean, std = pixel_stats(cfg.dataset, None if cfg.dataset in PIXEL_NORMALIZATION else env.packed.x)
+    return mean.to(env.device), std.to(env.device)
+
+
+def pixel_stats(dataset: str, x_train: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pixel_normalization` from a dataset name and its training images
+    ``x_train (n, C, H, W)`` (only read for datasets without constants): ``(mean (C, 1, 1),
+    std (C, 1, 1))`` on the CPU."""
+    if dataset in PIXEL_NORMALIZATION:
+        mean, std = (torch.tensor(v, dtype=torch.float32) for v in PIXEL_NORMALIZATION[dataset])
+    elif x_train is None:
+        raise ValueError(f"dataset {dataset} has no pixel constants: pass its training images")
     else:
-        lo, hi = env.packed.x.amin(dim=(0, 2, 3)).float().cpu(), env.packed.x.amax(dim=(0, 2, 3)).float().cpu()  # (C,)
+        lo, hi = x_train.amin(dim=(0, 2, 3)).float().cpu(), x_train.amax(dim=(0, 2, 3)).float().cpu()  # (C,)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
         mean, std = -lo / span, 1.0 / span
-    return mean.view(-1, 1, 1).to(env.device), std.view(-1, 1, 1).to(env.device)
+    return mean.view(-1, 1, 1), std.view(-1, 1, 1)
 
 
 class ATSTransform(BatchTransform):
@@ -193,15 +223,75 @@ class GradientPruning(UpdateStage):
         return {"grad_prune": {"rate": self.rate, "per": "parameter tensor, per client"}}
 
 
+class SoteriaPruning(UpdateStage):
+    """Round step 7 (a client-side defense, on every row): Soteria (Sun et al., "Soteria:
+    Provable Defense against Privacy Leakage in Federated Learning from Representation
+    Perspective", CVPR 2021; :mod:`spfl_vmap.defenses.soteria`).
+
+    Each client prunes the columns of its last layer's weight block that belong to the
+    ``rate`` fraction of representation features with the smallest summed
+    ``||d r_f / d x|| / (r_f + 0.1)``, computed at the round's global model on the samples its
+    upload is computed on: the first ``ctx.counts[i]`` samples of its data (all of them in a run;
+    ``spfl invert``'s ``B``), at most ``--soteria_samples``. With ``--use_gradient`` (FedSGD) that
+    is the authors' rule on the uploaded gradient. For FedAvg the same mask is applied to the last
+    layer's weight update (the sum of the local steps' weight gradients, each of whose columns is
+    ``r_f`` times a logit gradient), with the ratio taken at the global model: an extension, the
+    paper treats a single gradient. The ratio is computed on the raw samples: with ATS on as well,
+    the upload comes from transformed images.
+
+    All clients' samples go through one batch (one backward per feature, or one ``jvp`` per
+    input coordinate); the per-client sums are an ``index_add`` and the masks one quantile call.
+
+    Metrics: ``soteria_pruned``, the fraction of feature columns zeroed.
+    """
+
+    name = "soteria"
+
+    def __init__(self, cfg: Config, env: BuildEnv) -> None:
+        self.rate = float(cfg.soteria_rate)
+        self.max_samples = cfg.soteria_samples
+        self.use_gradient = cfg.use_gradient
+        self.rep, self.layer, linear = representation_model(env.model, tuple(env.input_shape))
+        self.rep_keys = {k for k, _ in self.rep.named_parameters()}
+        i = list(env.spec.names).index(f"{self.layer}.weight")
+        self.offset = sum(env.spec.numels[:i])  # where the last layer's weight (out, F) starts in a row of U
+        self.out_features, self.features = linear.weight.shape
+        self.packed = env.packed
+
+    def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        N = ctx.num_clients
+        dev = self.packed.index.device
+        counts = torch.tensor(ctx.counts, dtype=torch.long, device=dev)  # (N,)
+        if self.max_samples is not None:
+            counts = counts.clamp(max=self.max_samples)
+        S = int(counts.max())
+        rows = self.packed.index[torch.tensor(ctx.client_ids, dtype=torch.long, device=dev), :S]  # (N, S)
+        valid = torch.arange(S, device=dev)[None, :] < counts[:, None]  # (N, S)
+        x = self.packed.x[rows[valid]]  # (M, C, H, W) every client's samples
+        owner = torch.arange(N, device=dev)[:, None].expand(N, S)[valid]  # (M,)
+        params = {k: v.detach() for k, v in ctx.global_params.items() if k in self.rep_keys}
+        _, ratio = representation_ratios(self.rep, params, x)  # (M, F)
+        scores = torch.zeros(N, self.features, dtype=ratio.dtype, device=dev).index_add_(0, owner, ratio)  # (N, F)
+        keep = soteria_keep(scores, self.rate).to(U.device)  # (N, F)
+        return prune_columns(U, keep, self.offset, self.out_features), {"soteria_pruned": float(1.0 - keep.float().mean())}
+
+    def describe(self) -> dict[str, Any]:
+        return {"soteria": {"rate": self.rate, "layer": f"{self.layer}.weight", "features": self.features,
+                            "samples": self.max_samples if self.max_samples is not None else "all of the upload's",
+                            "acts_on": "uploaded gradient" if self.use_gradient else "last-layer weight update (ratio at the global model)"}}
+
+
 def stages(cfg: Config, env: BuildEnv) -> list[Stage]:
-    """ATS's batch transform and the pruning stage, each when its flag is on."""
+    """ATS's batch transform, Soteria and the pruning stage, each when its flag is on."""
     out: list[Stage] = []
     if ats_on(cfg):
         out.append(ATSTransform(cfg, env))
+    if cfg.soteria_rate is not None:
+        out.append(SoteriaPruning(cfg, env))
     if cfg.grad_prune is not None:
         out.append(GradientPruning(cfg.grad_prune))
     return out
 
 
-__all__ = ["ATSTransform", "GradientPruning", "pixel_normalization", "policy_list", "resolve_policies", "stages",
-           "toolkit_dataset_name", "validate"]
+__all__ = ["ATSTransform", "GradientPruning", "SoteriaPruning", "pixel_normalization", "pixel_stats", "policy_list",
+           "resolve_policies", "stages", "toolkit_dataset_name", "validate"]
