@@ -70,6 +70,9 @@ def build(cfg: Config, env: BuildEnv, extra_stages: Sequence[Stage] = ()) -> tup
     pipeline = Pipeline(sampler=UniformSampler(cfg.client_num_in_total, cfg.client_num_per_round, cfg.seed),
                         aggregation=byzantine.RobustAggregation(cfg))
     pipeline.extend(stages).extend(extra_stages)
+    for audit in pipeline.audits:  # the inversion audit trains fresh uploads with the run's own trainer and stages
+        if isinstance(audit, inference.InversionAudit):
+            audit.attach(pipeline, lambda e: make_trainer(cfg, e, pipeline))
     return make_trainer(cfg, env, pipeline), pipeline
 
 

@@ -199,6 +199,12 @@ class Config:
     ats_policy_file: Optional[str] = field(default=None, metadata={"help": "ATS: a ranked policy CSV (spfl ats-search's ats_search.csv) whose kept policies replace the dataset's list for --augid/--topn"})
     soteria_rate: Optional[float] = field(default=None, metadata={"help": "Soteria (Sun et al. CVPR 2021): zero this fraction of the last layer's weight-gradient columns, the features of smallest ||dr/dx||/(r+0.1); Soteria's --pruning_rate 60 is 0.6"})
     soteria_samples: Optional[int] = field(default=None, metadata={"help": "Soteria: compute the ratio on at most this many of each client's samples (default: all the samples its upload is computed on)"})
+    audit_inversion: Optional[str] = field(default=None, metadata={"help": "audit during training: attack honest clients' uploads with dlg, idlg or ig every --audit_every rounds (read-only; audit_psnr/audit_ssim/audit_label_acc in metrics.jsonl)"})
+    audit_every: Optional[int] = field(default=None, metadata={"help": "audit every K rounds (default 1)"})
+    audit_clients: Optional[int] = field(default=None, metadata={"help": "audit the first M honest clients of the cohort holding >= --audit_batch samples (default 1)"})
+    audit_batch: Optional[int] = field(default=None, metadata={"help": "images per audited upload: each audited client's first B samples (default 1)"})
+    audit_restarts: Optional[int] = field(default=None, metadata={"help": "attack restarts per audited client (default 1)"})
+    audit_iterations: Optional[int] = field(default=None, metadata={"help": "attack iterations per audit (default 100, CPU-friendly; spfl invert's ig uses 4800)"})
 
     def __post_init__(self) -> None:
         check_types(self)

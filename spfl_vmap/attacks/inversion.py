@@ -121,6 +121,13 @@ class InversionResult:
     iterations: int
 
 
+def pixel_box(x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel normalized values of pixel 0 and pixel 1: the training set's minimum and
+    maximum per channel ``x_train (n, C, H, W) -> ((C,), (C,))`` (the image datasets all hold
+    black and white pixels; ``synthetic`` has no pixel space, and its range stands in for one)."""
+    return x_train.amin(dim=(0, 2, 3)), x_train.amax(dim=(0, 2, 3))
+
+
 # ---- model checks --------------------------------------------------------------------------
 def output_classes(model: nn.Module, params: Params, input_shape: tuple[int, ...]) -> int:
     """The model's class count for one image of ``input_shape``; a shape that does not fit the

@@ -33,12 +33,12 @@ from typing import Any, Callable
 
 import torch
 
-from ..attacks.inversion import ATTACK_NAMES, DEFAULT_ITERATIONS, DEFAULT_TV, Upload, invert
+from ..attacks.inversion import ATTACK_NAMES, DEFAULT_ITERATIONS, DEFAULT_TV, invert, pixel_box
 from ..attacks.inversion_metrics import psnr, reconstruction_metrics, save_grid, to_unit
 from ..builder import Simulator, make_trainer
 from ..config import Config
-from ..data import PackedClients
 from ..errors import ConfigError
+from ..modules.inference import fresh_uploads, upload_model
 from ..rng import generator
 from ..runner import write_json_atomic
 from ..stages import BuildEnv
@@ -77,21 +77,6 @@ def check_spec(spec: InvertSpec, cfg: Config) -> None:
                           "use sgd, or attack gradients with --use_gradient")
 
 
-def upload_model(cfg: Config, batch: int) -> Upload:
-    """The attacker's model of a client's upload (module docstring)."""
-    if cfg.use_gradient:
-        return Upload("gradient")
-    steps = cfg.epochs * -(-batch // cfg.batch_size)
-    return Upload("update", steps=steps, lr=float(cfg.lr), momentum=float(cfg.momentum), wd=float(cfg.wd))
-
-
-def pixel_box(x_train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel normalized values of pixel 0 and pixel 1: the training set's minimum and
-    maximum per channel (the image datasets all hold black and white pixels; ``synthetic`` has no
-    pixel space, and its range stands in for one)."""
-    return x_train.amin(dim=(0, 2, 3)), x_train.amax(dim=(0, 2, 3))
-
-
 def choose_clients(sim: Simulator, round_idx: int, problems: int, batch: int, seed: int) -> list[int]:
     """``problems`` honest clients with at least ``batch`` samples, in a seeded random order."""
     K = len(sim.counts)
@@ -106,26 +91,16 @@ def choose_clients(sim: Simulator, round_idx: int, problems: int, batch: int, se
 
 def client_uploads(sim: Simulator, ids: list[int], batch: int, round_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What clients ``ids`` upload in round ``round_idx`` when each holds its first ``batch``
-    samples: the engine's trainer with the pipeline's batch transforms, then its update stages.
+    samples (:func:`spfl_vmap.modules.inference.fresh_uploads` at ``sim``'s global model).
 
     Returns:
         ``(U [M, D], x [M, B, C, H, W], y [M, B])``: the uploads and the clients' samples.
     """
-    cfg, packed = sim.cfg, sim.packed
-    small = PackedClients(x=packed.x, y=packed.y, index=packed.index[:, :batch].contiguous(),
-                          counts=packed.counts.clamp(max=batch))
     ds = sim.dataset
-    env = BuildEnv(sim.model, sim.spec, small, [min(c, batch) for c in sim.counts], ds.num_classes, tuple(ds.input_shape),
-                   sum(min(c, batch) for c in sim.counts), sim.device, sim.x_test, sim.y_test)
-    trainer = make_trainer(cfg, env, sim.pipeline)
-    ctx = sim.context(round_idx, ids)
-    ctx = dataclasses.replace(ctx, counts=[batch] * len(ids),
-                              weights=torch.full((len(ids),), float(batch), dtype=sim.w.dtype, device=sim.device))
-    U = trainer.train(ctx, sim.pipeline.batch_transforms).U
-    for stage in sim.pipeline.update_stages:  # client-side defenses (DP noise, pruning)
-        U, _ = stage.apply(ctx, U)
-    idx = small.index[torch.tensor(ids, device=sim.device)]  # (M, B)
-    return U, packed.x[idx], packed.y[idx]
+    env = BuildEnv(sim.model, sim.spec, sim.packed, sim.counts, ds.num_classes, tuple(ds.input_shape),
+                   sum(sim.counts), sim.device, sim.x_test, sim.y_test)
+    return fresh_uploads(sim.cfg, env, sim.pipeline, lambda e: make_trainer(sim.cfg, e, sim.pipeline),
+                         sim.context(round_idx, ids), batch)
 
 
 def run_invert(

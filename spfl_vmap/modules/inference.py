@@ -31,22 +31,30 @@ rounding to 8 bits after each op (``spfl_vmap.defenses.ats`` says where that mat
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
-from typing import Any, Optional
+import time
+from typing import Any, Callable, Optional
 
 import torch
 
 from ..attacks.backdoor import content_keys, hash_uniform
+from ..attacks.inversion import ATTACK_NAMES, Upload, invert, pixel_box
+from ..attacks.inversion_metrics import reconstruction_metrics, to_unit
 from ..config import NORMALIZERS, SECTIONS, Config, need
+from ..data import PackedClients
 from ..data.loaders import PIXEL_NORMALIZATION
 from ..defenses.ats import POLICY_LISTS, Policy, apply_policy, describe_policy, num_draws, parse_policies, parse_policy, policy_name
 from ..defenses.ats_search import read_policy_csv
 from ..defenses.pruning import prune_per_layer
 from ..defenses.soteria import prune_columns, representation_model, representation_ratios, soteria_keep
 from ..errors import ConfigError
-from ..stages import BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
+from ..stages import Audit, BatchTransform, BuildEnv, EvalHook, Metrics, Pipeline, RoundContext, Stage, UpdateStage
 
 TOOLKIT_TOPN = 2  # main_fedavg.py: --topn default
+# --audit_* defaults, small enough for a CPU run: one client, one image, one restart, 100 iterations
+AUDIT_DEFAULTS = {"audit_every": 1, "audit_clients": 1, "audit_batch": 1, "audit_restarts": 1, "audit_iterations": 100}
 # our dataset -> the toolkit's policy-list name (policy_list_{name}.csv)
 LIST_OF_DATASET = {"mnist_rgb": "mnistRGB", "mnist": "mnistRGB", "fashion_mnist": "mnistRGB", "cifar10": "cifar10", "cifar100": "cifar100"}
 DATASET_ALIASES = {"mnistRGB": "mnist_rgb"}  # the toolkit's dataset name (test/datarecovery_defense.sh)
@@ -109,6 +117,7 @@ def validate(cfg: Config) -> None:
     if cfg.soteria_samples is not None:
         need(cfg.soteria_rate is not None, "--soteria_samples sets how Soteria computes its ratio: add --soteria_rate")
         need(cfg.soteria_samples >= 1, f"--soteria_samples must be >= 1, got {cfg.soteria_samples}")
+    validate_audit(cfg)
     given = [f"--{k}" for k in ("augid", "topn", "ats_policy") if getattr(cfg, k) is not None]
     if not ats_on(cfg):
         given += ["--ats_policy_file"] if cfg.ats_policy_file is not None else []
@@ -128,6 +137,77 @@ def validate(cfg: Config) -> None:
     if cfg.topn is not None:
         need(1 <= cfg.topn <= len(names), f"--topn {cfg.topn}: the ATS list {source} has {len(names)} policies "
                                           f"(--topn 1..{len(names)})")
+
+
+def validate_audit(cfg: Config) -> None:
+    """``--audit_inversion`` one of the attacks; the other ``--audit_*`` flags need it and are >= 1."""
+    given = [f"--{k}" for k in AUDIT_DEFAULTS if getattr(cfg, k) is not None]
+    if cfg.audit_inversion is None:
+        need(not given, f"{', '.join(given)} set up the inversion audit: add --audit_inversion {{{','.join(ATTACK_NAMES)}}}")
+        return
+    need(cfg.audit_inversion in ATTACK_NAMES,
+         f"unknown --audit_inversion {cfg.audit_inversion!r}; choose one of: {', '.join(ATTACK_NAMES)}")
+    for k in AUDIT_DEFAULTS:
+        v = getattr(cfg, k)
+        need(v is None or v >= 1, f"--{k} must be >= 1, got {v}")
+    need(cfg.use_gradient or cfg.client_optimizer == "sgd",
+         "--audit_inversion models a FedAvg client's local SGD steps; --client_optimizer adam is not modelled: "
+         "use sgd, or audit gradients with --use_gradient")
+
+
+def audit_setting(cfg: Config, key: str) -> int:
+    """The value of ``--{key}``, or its default (:data:`AUDIT_DEFAULTS`)."""
+    v = getattr(cfg, key)
+    return AUDIT_DEFAULTS[key] if v is None else int(v)
+
+
+# ---- uploads as the attacker sees them ------------------------------------------------------------
+def upload_model(cfg: Config, batch: int) -> Upload:
+    """The attacker's model of a client's upload computed on ``batch`` images.
+
+    The attacker knows the architecture, the global parameters, ``batch``, and for FedAvg the
+    local epochs, lr, momentum and weight decay. It models a local update as ``epochs *
+    ceil(batch / batch_size)`` SGD steps on all ``batch`` images; with ``batch <= --batch_size``
+    (one step per epoch) that is exactly what the trainer does, with a larger ``batch`` it is an
+    approximation (the client's shuffled mini-batches are unknown to the server). It does not
+    model the defenses: those are what the attack is measured against.
+    """
+    if cfg.use_gradient:
+        return Upload("gradient")
+    steps = cfg.epochs * -(-batch // cfg.batch_size)
+    return Upload("update", steps=steps, lr=float(cfg.lr), momentum=float(cfg.momentum), wd=float(cfg.wd))
+
+
+def fresh_uploads(
+    cfg: Config, env: BuildEnv, pipeline: Pipeline, make_trainer: Callable[[BuildEnv], Any], ctx: RoundContext, batch: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What clients ``ctx.client_ids`` upload at ``ctx.global_params`` when each holds only its
+    first ``batch`` samples (its partition order): the engine's trainer (``make_trainer`` of a
+    :class:`BuildEnv` restricted to those samples) with the pipeline's batch transforms, then its
+    update stages (attacks, then client-side defenses such as pruning, Soteria, local DP), exactly
+    as in round ``ctx.round``. Used by ``spfl invert`` and by :class:`InversionAudit`.
+
+    Read-only: the update stages' states (e.g. Neurotoxin's previous model) are restored after
+    the call, and all randomness is ``ctx``'s ``(seed, purpose, round, client)`` generators.
+
+    Returns:
+        ``(U [M, D], x [M, B, C, H, W], y [M, B])``: the uploads and the clients' samples.
+    """
+    packed = env.packed
+    small = PackedClients(x=packed.x, y=packed.y, index=packed.index[:, :batch].contiguous(),
+                          counts=packed.counts.clamp(max=batch))
+    small_counts = [min(c, batch) for c in env.counts]
+    trainer = make_trainer(dataclasses.replace(env, packed=small, counts=small_counts, n_train=sum(small_counts)))
+    M = ctx.num_clients
+    ctx = dataclasses.replace(ctx, counts=[batch] * M, weights=torch.full((M,), float(batch), dtype=ctx.weights.dtype, device=ctx.device))
+    saved = [copy.deepcopy(s.state_dict()) for s in pipeline.update_stages]
+    U = trainer.train(ctx, pipeline.batch_transforms).U  # (M, D)
+    for stage in pipeline.update_stages:
+        U, _ = stage.apply(ctx, U)
+    for stage, state in zip(pipeline.update_stages, saved):
+        stage.load_state_dict(state)
+    idx = small.index[torch.tensor(ctx.client_ids, device=small.index.device)]  # (M, B)
+    return U, packed.x[idx], packed.y[idx]
 
 
 # ---- stages -------------------------------------------------------------------------------------
@@ -281,8 +361,95 @@ class SoteriaPruning(UpdateStage):
                             "acts_on": "uploaded gradient" if self.use_gradient else "last-layer weight update (ratio at the global model)"}}
 
 
+class InversionAudit(Audit, EvalHook):
+    """Round step 10: every ``--audit_every`` rounds, attack ``--audit_clients`` honest clients'
+    uploads with ``--audit_inversion`` (DLG, Zhu et al. NeurIPS 2019; iDLG, Zhao et al. 2020;
+    Inverting Gradients, Geiping et al. NeurIPS 2020) and report how well the server reconstructs
+    their images.
+
+    What is attacked: a row of the round's ``U`` is a client's update over *all* its local data
+    in shuffled mini-batches, which no attack can invert as a whole (hundreds of images, unknown
+    batch order). The audit therefore attacks a *fresh upload*, as ``spfl invert`` does
+    (:func:`fresh_uploads`): the first ``M`` honest clients of the cohort (``ctx.malicious``
+    False) holding at least ``B = --audit_batch`` samples each compute, at the round's global
+    model, the upload of their first ``B`` samples through the run's own trainer, batch
+    transforms (ATS) and update stages (pruning, Soteria, local DP). The ground truth for PSNR,
+    SSIM and labels is those ``B`` samples. Defenses inside the aggregation (DP-FedAvg's
+    clip-and-noise sum, ``--dp_mode user``) act after the upload and are not seen.
+
+    Read-only: the fresh uploads come from a separate trainer, every update stage's state is
+    restored, and the attack's randomness is ``seed_for("audit_inversion")`` of the round, so a
+    run with the audit trains exactly the same model as without it (``tests/attacks/test_inversion_audit.py``).
+
+    Metrics (means over the audited clients): ``audit_psnr``, ``audit_ssim``,
+    ``audit_label_acc``, plus ``audit_clients``, ``audit_round`` and ``audit_s`` (seconds).
+    ``metrics.jsonl`` holds evaluated rounds only, so the stage is also an evaluation hook: an
+    evaluated row carries the latest audit since the previous evaluated row (``audit_round``
+    says which round it attacked), and rows with no audit since then carry no audit keys.
+    """
+
+    name = "audit_inversion"
+
+    def __init__(self, cfg: Config, env: BuildEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.attack = str(cfg.audit_inversion)
+        self.every = audit_setting(cfg, "audit_every")
+        self.clients = audit_setting(cfg, "audit_clients")
+        self.batch = audit_setting(cfg, "audit_batch")
+        self.restarts = audit_setting(cfg, "audit_restarts")
+        self.iterations = audit_setting(cfg, "audit_iterations")
+        self.upload = upload_model(cfg, self.batch)
+        self.box = pixel_box(env.packed.x)  # ((C,), (C,)) normalized values of pixels 0 and 1
+        self.pipeline: Optional[Pipeline] = None
+        self.make_trainer: Optional[Callable[[BuildEnv], Any]] = None
+        self.pending: Metrics = {}  # the latest audit not yet in an evaluated row
+
+    def attach(self, pipeline: Pipeline, make_trainer: Callable[[BuildEnv], Any]) -> None:
+        """The run's pipeline and trainer factory (``spfl_vmap.builder.build`` calls this)."""
+        self.pipeline, self.make_trainer = pipeline, make_trainer
+
+    def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[None, Metrics]:
+        if self.pipeline is None or self.make_trainer is None:
+            raise RuntimeError("InversionAudit needs attach(pipeline, make_trainer) before the first round")
+        t0 = time.perf_counter()
+        mal = ctx.malicious.tolist()
+        rows = [i for i in range(ctx.num_clients) if not mal[i] and ctx.counts[i] >= self.batch][: self.clients]
+        m: Metrics = {"audit_clients": len(rows), "audit_round": ctx.round}
+        if rows:
+            ids = [ctx.client_ids[i] for i in rows]
+            sub = dataclasses.replace(ctx, client_ids=ids, counts=[ctx.counts[i] for i in rows],
+                                      malicious=ctx.malicious[rows], weights=ctx.weights[rows])
+            Uf, x, y = fresh_uploads(self.cfg, self.env, self.pipeline, self.make_trainer, sub, self.batch)  # (M, D)
+            params = {k: v.detach() for k, v in ctx.global_params.items()}
+            res = invert(self.attack, self.env.model, params, Uf, num_images=self.batch, input_shape=tuple(self.env.input_shape),
+                         upload=self.upload, restarts=self.restarts, iterations=self.iterations,
+                         seed=ctx.seed_for("audit_inversion"), problem_ids=ids, box=self.box)
+            mean = reconstruction_metrics(to_unit(res.x.detach(), self.box), to_unit(x, self.box), res.labels, y)["mean"]
+            m.update(audit_psnr=mean["psnr"], audit_ssim=mean["ssim"], audit_label_acc=mean["label_acc"])
+        m["audit_s"] = time.perf_counter() - t0
+        self.pending = dict(m)
+        return None, m
+
+    def evaluate(self, ctx: RoundContext, model: Any, params: Any) -> tuple[None, Metrics]:
+        out, self.pending = self.pending, {}
+        return None, out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pending": dict(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pending = dict(state.get("pending", {}))
+
+    def describe(self) -> dict[str, Any]:
+        return {"audit_inversion": {"attack": self.attack, "every": self.every, "clients": self.clients, "batch": self.batch,
+                                    "restarts": self.restarts, "iterations": self.iterations,
+                                    "upload": dataclasses.asdict(self.upload),
+                                    "attacks": "fresh uploads of each audited client's first `batch` samples at the round's model"}}
+
+
 def stages(cfg: Config, env: BuildEnv) -> list[Stage]:
-    """ATS's batch transform, Soteria and the pruning stage, each when its flag is on."""
+    """ATS's batch transform, Soteria, the pruning stage and the inversion audit, each when its
+    flag is on (the builder attaches the audit to the pipeline)."""
     out: list[Stage] = []
     if ats_on(cfg):
         out.append(ATSTransform(cfg, env))
@@ -290,8 +457,11 @@ def stages(cfg: Config, env: BuildEnv) -> list[Stage]:
         out.append(SoteriaPruning(cfg, env))
     if cfg.grad_prune is not None:
         out.append(GradientPruning(cfg.grad_prune))
+    if cfg.audit_inversion is not None:
+        out.append(InversionAudit(cfg, env))
     return out
 
 
-__all__ = ["ATSTransform", "GradientPruning", "SoteriaPruning", "pixel_normalization", "pixel_stats", "policy_list",
-           "resolve_policies", "stages", "toolkit_dataset_name", "validate"]
+__all__ = ["ATSTransform", "GradientPruning", "InversionAudit", "SoteriaPruning", "fresh_uploads", "pixel_normalization",
+           "pixel_stats", "policy_list", "resolve_policies", "stages", "toolkit_dataset_name", "upload_model", "validate",
+           "validate_audit"]
