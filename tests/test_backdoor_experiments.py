@@ -10,7 +10,6 @@ from pathlib import Path
 
 import matplotlib.figure
 import pytest
-import torch
 
 from spfl_vmap import Config, ConfigError, run
 from spfl_vmap.aggregators import AGGREGATORS
@@ -26,13 +25,7 @@ RUN_FLAGS = ["--dataset", "synthetic", "--synthetic_train", "300", "--synthetic_
              "--partition_method", "homo", "--frequency_of_the_test", "1", "--batch_size", "10"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models only lose time to OpenMP on a shared 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from ..experiments.backdoor_bench import VARIANTS, bench_backdoor, format_backdoor_rows
-from .common import OneLineParser, add_config_flags, config_from_args
+from .common import OneLineParser, add_config_flags, config_from_args, write_json_result
 
 
 def cmd_bench_backdoor(argv: Sequence[str]) -> int:
@@ -33,8 +31,5 @@ def cmd_bench_backdoor(argv: Sequence[str]) -> int:
           f"({c['partition']}), attackers by_frac {c['by_frac']} / by_workers {c['by_workers']}, {c['device']}, "
           f"{c['threads']} threads, median of {c['repeats']} alternating rounds; run x = evaluation every {c['eval_every']} rounds")
     print(format_backdoor_rows(res["rows"]))
-    if ns.json:
-        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps(res, indent=2))
-        print(f"wrote {ns.json}")
+    write_json_result(ns.json, res)
     return 0

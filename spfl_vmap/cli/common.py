@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ..config import Config, base_type, coerce, field_types, load_config_file
@@ -53,3 +55,14 @@ def print_table(rows: list[tuple[str, str]]) -> None:
     for k, v in rows:
         print(f"{k:<{w}}  {v}")
     print(line)
+
+
+def write_json_result(path: str | None, result: Any) -> None:
+    """Write a command's result as indented JSON to ``path`` (parents created) and say so; no-op
+    for ``None``."""
+    if not path:
+        return
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")

@@ -34,7 +34,7 @@ from ..modules.backdoor import defense as backdoor_defense
 from ..modules.byzantine import num_byzantine
 from ..modules.privacy import dp_mode
 from .bench_backdoor import cmd_bench_backdoor
-from .common import OneLineParser, add_config_flags, config_from_args, print_table
+from .common import OneLineParser, add_config_flags, config_from_args, print_table, write_json_result
 from .invert import cmd_bench_inversion
 
 
@@ -212,10 +212,7 @@ def cmd_bench_engine(argv: Sequence[str]) -> int:
         f"{c['threads']} threads, median of {c['repeats']} alternating calls"
     )
     print(format_rows(res["rows"]))
-    if ns.json:
-        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps(res, indent=2))
-        print(f"wrote {ns.json}")
+    write_json_result(ns.json, res)
     return 0
 
 

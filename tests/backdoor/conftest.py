@@ -1,13 +1,9 @@
-"""Shared setup of the backdoor tests."""
+"""Shared setup of the backdoor tests: every test runs with one intra-op thread (the
+``one_thread`` fixture of ``tests/conftest.py``)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models only lose time to OpenMP on a shared 2-core machine."""
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_for_backdoor_tests(one_thread):
     yield
-    torch.set_num_threads(prev)
