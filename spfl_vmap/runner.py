@@ -346,6 +346,34 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
         what = f"{b['attack']} vs {b['defense']}" if b["attack"] != "none" else f"aggregator {b['defense']}"
         lines.append(f"byzantine: {what}, {b['malicious_clients']} malicious clients ({b['mode']}), "
                      f"aggregator assumes f={b['f']} ({b['f_rule']})")
+    if "root_samples" in d:
+        lines.append(f"server root set: {d['root_samples']} class-stratified training samples, held out from every client")
+    lines += backdoor_lines(d)
+    return lines
+
+
+def backdoor_lines(d: dict[str, Any]) -> list[str]:
+    """The backdoor attack, its attackers and the backdoor defenses actually applied."""
+    lines = []
+    if "backdoor" in d:
+        b = d["backdoor"]
+        options = [f"boost {b['boost']}" if b.get("boost") is not None else "",
+                   f"schedule {b['schedule']}" if b.get("schedule", "continuous") != "continuous" else "",
+                   f"projected to norm {b['project']:g}" if b.get("project") is not None else "",
+                   f"Neurotoxin keeps {b['neurotoxin_keep']:g}" if b.get("neurotoxin_keep") is not None else ""]
+        source = f" from class {b['source']}" if b.get("source") is not None else ""
+        lines.append(f"backdoor: {b['attack']}, {b['trigger']} trigger ({b['trigger_pixels']} pixels){source} -> class "
+                     f"{b['target']}, {b['poison_frac']:g} of each malicious batch" + "".join(f", {o}" for o in options if o))
+    if "backdoor_adversary" in d:
+        a = d["backdoor_adversary"]
+        lines.append(f"backdoor attackers: {a['rule']} ({a['malicious_clients']} clients)")
+    if "backdoor_defense" in d:
+        x = d["backdoor_defense"]
+        where = "on each client update" if x["noise_on"] == "client" else "on the aggregate"
+        lines.append(f"backdoor defense: {x['defense']}, clip {x['clip']:g} ({x['clip_mode']}), noise std {x['noise']:g} {where}")
+    if "crfl" in d:
+        c = d["crfl"]
+        lines.append(f"crfl: the global model is clipped to norm {c['rho_schedule']} and noised with std {c['sigma']:g} every round")
     return lines
 
 
