@@ -13,8 +13,8 @@ from typing import Callable, Sequence
 
 from .config import RULES, Config, need
 from .data import Dataset
-from .engine.local import Trainer, VmapTrainer
-from .engine.loop import LoopTrainer
+from .engine.local import Trainer
+from .engine.loop import plain_trainer
 from .engine.simulator import RoundLoop
 from .modules import backdoor, byzantine, crfl, inference, privacy
 from .modules.dpsgd import DPSGDTrainer
@@ -82,8 +82,7 @@ def make_trainer(cfg: Config, env: BuildEnv, pipeline: Pipeline) -> Trainer:
     if privacy.dp_mode(cfg) == "example":
         accounting = next(s for s in pipeline.guards if isinstance(s, privacy.PrivacyAccounting))
         return DPSGDTrainer(env.model, env.spec, env.packed, cfg.replace(dp_sigma=accounting.sigma), env.device)
-    trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
-    return trainer_cls(env.model, env.spec, env.packed, cfg, env.device)
+    return plain_trainer(env.model, env.spec, env.packed, cfg, env.device)
 
 
 class Simulator(RoundLoop):

@@ -150,7 +150,7 @@ def flame(
     check_clients("flame", n, f)
     keep, clusters = hdbscan_majority(cosine_distances(U), min(min_cluster_size or n // 2 + 1, n))
     norms = U.float().norm(dim=1)  # (N,)
-    S = float(norms.median()) if n % 2 else float(norms.sort().values[n // 2 - 1 : n // 2 + 1].mean())
+    S = float(norms.quantile(0.5))  # the mean of the middle two for even N, as np.median
     kept = keep.nonzero().squeeze(1)  # (n_kept,)
     clipped, kept_norms = clip_rows(U[kept].contiguous(), S)  # (n_kept, D)
     w = normalise_weights(weights[kept] if (weighted and weights is not None) else None, kept.numel(), U.device)

@@ -34,7 +34,6 @@ bicubic is the ``a = -1`` cubic convolution with clamped taps, which ``grid_samp
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -149,25 +148,25 @@ def shear_y(x: torch.Tensor, k: torch.Tensor | float) -> torch.Tensor:
     return shear_x(x.transpose(-1, -2), k).transpose(-1, -2)
 
 
+def _translate(x: torch.Tensor, frac: torch.Tensor | float, axis: int) -> torch.Tensor:
+    """Shift by ``frac`` of the width (``axis`` 0) or height (``axis`` 1), nearest, black fill."""
+    xf, ff, _ = _flat(x, frac)
+    size = xf.shape[3] if axis == 0 else xf.shape[2]
+    inv = torch.zeros(xf.shape[0], 2, 3, device=x.device, dtype=xf.dtype)
+    inv[:, 0, 0] = inv[:, 1, 1] = 1.0
+    inv[:, axis, 2] = ff.to(xf.dtype) * size
+    return _affine_nearest(xf, inv, 0.0).reshape(x.shape)
+
+
 def translate_x(x: torch.Tensor, frac: torch.Tensor | float) -> torch.Tensor:
     """ATS ``translateX``: ``(1, 0, frac * W, 0, 1, 0)``, nearest, black fill; the output pixel
     ``u`` samples ``u + frac * W``, so a positive ``frac`` moves the content left."""
-    xf, ff, _ = _flat(x, frac)
-    M, _, _, W = xf.shape
-    inv = torch.zeros(M, 2, 3, device=x.device, dtype=xf.dtype)
-    inv[:, 0, 0] = inv[:, 1, 1] = 1.0
-    inv[:, 0, 2] = ff.to(xf.dtype) * W
-    return _affine_nearest(xf, inv, 0.0).reshape(x.shape)
+    return _translate(x, frac, 0)
 
 
 def translate_y(x: torch.Tensor, frac: torch.Tensor | float) -> torch.Tensor:
     """ATS ``translateY``: ``(1, 0, 0, 0, 1, frac * H)``, nearest, black fill."""
-    xf, ff, _ = _flat(x, frac)
-    M, _, H, _ = xf.shape
-    inv = torch.zeros(M, 2, 3, device=x.device, dtype=xf.dtype)
-    inv[:, 0, 0] = inv[:, 1, 1] = 1.0
-    inv[:, 1, 2] = ff.to(xf.dtype) * H
-    return _affine_nearest(xf, inv, 0.0).reshape(x.shape)
+    return _translate(x, frac, 1)
 
 
 ROTATE_FILL = 128 / 255  # rotate_with_fill composites the rotated image onto (128, 128, 128, 128)

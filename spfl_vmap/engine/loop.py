@@ -14,7 +14,7 @@ from typing import Sequence
 
 from ..data.packing import PackedClients
 from ..stages import BatchTransform, RoundContext
-from .local import LocalResult, apply_transforms, round_schedule
+from .local import LocalResult, VmapTrainer, apply_transforms, round_schedule
 from .params import ParamSpec, Params
 
 
@@ -90,3 +90,9 @@ class LoopTrainer:
             total += float(loss.detach())
         g = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
         return g / len(rows), total / len(rows)
+
+
+def plain_trainer(model: nn.Module, spec: ParamSpec, packed: PackedClients, cfg, device: torch.device):
+    """The non-DP trainer ``cfg.engine`` names: the per-client reference loop or the vectorized one."""
+    trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
+    return trainer_cls(model, spec, packed, cfg, device)

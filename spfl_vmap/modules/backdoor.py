@@ -345,9 +345,6 @@ class BackdoorPoison(BatchTransform):
         mal = ctx.malicious[rows].to(y.device)  # (n,)
         if not bool(mal.any()):
             return (x, y), {}
-        if bool(mal.all()):
-            poisoned = self.poisoned(ctx, x, y, rows, valid)
-            return poison_batch(x, y, poisoned, self.row_masks(ctx, rows), self.value.to(x.device), self.cfg.bd_target), {}
         # only the malicious rows are hashed and rewritten (a chunk holds few of them)
         idx = mal.nonzero().squeeze(1)  # (n_mal,)
         sub = rows.to(y.device)[idx]

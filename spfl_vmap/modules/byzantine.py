@@ -33,8 +33,7 @@ from ..aggregators import AGGREGATORS, aggregate, check_clients, required_client
 from ..attacks import ATTACKS, attack, attackers_quantile, data_poison
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
 from ..data import dataset_meta, pack_clients
-from ..engine.local import VmapTrainer
-from ..engine.loop import LoopTrainer
+from ..engine.loop import plain_trainer
 from ..errors import ConfigError, SpflError
 from ..rng import derive_seed, generator
 from ..stages import Adversary, Aggregation, BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
@@ -286,8 +285,7 @@ class FLTrustAggregation(RobustAggregation):
         n = len(env.y_root)
         self.root_size = n
         packed = pack_clients(env.x_root, env.y_root, [np.arange(n)], env.device)
-        trainer_cls = LoopTrainer if cfg.engine == "loop" else VmapTrainer
-        self.trainer = trainer_cls(env.model, env.spec, packed, cfg, env.device)
+        self.trainer = plain_trainer(env.model, env.spec, packed, cfg, env.device)
         self.seed = derive_seed(cfg.seed, "fltrust_root")
 
     def server_update(self, ctx: RoundContext) -> torch.Tensor:
