@@ -74,6 +74,12 @@ class RoundContext:
     expected_cohort: int  # clients sampled per round (client_num_per_round)
     use_gradient: bool = False  # U holds gradients (FedSGD) instead of model deltas
     server_lr: float = 1.0
+    # Vectorized sweeps (several runs' cohorts stacked in one ctx): each row's own starting model
+    # ``{name: (N, *shape)}`` instead of ``global_params``, and its own client hyperparameters
+    # ``{"lr" | "momentum" | "wd": (N,)}``. ``None``: every row starts from ``global_params``
+    # with the config's hyperparameters.
+    row_params: Optional[Params] = None
+    row_hypers: Optional[dict[str, torch.Tensor]] = None
 
     @property
     def num_clients(self) -> int:

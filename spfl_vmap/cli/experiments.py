@@ -14,7 +14,7 @@ import torch
 
 from ..aggregators import AGGREGATORS
 from ..attacks import ATTACKS
-from ..config import STRATEGIES
+from ..config import COMPILE_MODES, STRATEGIES
 from ..errors import ConfigError, SpflError
 from ..experiments.backdoor_curve import backdoor_curve, curve_configs, title_of, write_curve as write_backdoor_curve
 from ..experiments.bench import bench_engine, bench_scale, format_rows, plot_scale
@@ -190,9 +190,16 @@ def cmd_bench_engine(argv: Sequence[str]) -> int:
     p.add_argument("--input_shape", "--input-shape", type=_shape, default=None, help="C,H,W of synthetic data (default 1,28,28)")
     p.add_argument("--strategies", default="auto", help="comma-separated vectorized strategies to time (default auto), e.g. auto,vmap,loop")
     p.add_argument("--no_loop", "--no-loop", action="store_true", help="skip the reference loop")
+    p.add_argument("--partition", choices=("homo", "hetero"), default="homo",
+                   help="homo: every client takes --steps full batches; hetero: Dirichlet(--alpha) split of the whole dataset (unequal clients)")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of --partition hetero")
+    p.add_argument("--compile", default="trace", help="comma-separated --compile modes to time side by side, e.g. off,trace")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON")
     ns = p.parse_args(argv)
     _check_model(ns.model)
+    compiles = [c for c in ns.compile.split(",") if c]
+    if not compiles or any(c not in COMPILE_MODES for c in compiles):
+        raise ConfigError(f"--compile must be a comma-separated subset of {COMPILE_MODES}, got {ns.compile!r}")
     if ns.repeats < 1:
         raise ConfigError("--repeats must be >= 1")
     strategies = [s for s in ns.strategies.split(",") if s]
@@ -203,12 +210,15 @@ def cmd_bench_engine(argv: Sequence[str]) -> int:
     device = "cuda" if ns.device == "auto" and torch.cuda.is_available() else ("cpu" if ns.device == "auto" else ns.device)
     res = bench_engine(
         ns.model, ns.clients, ns.per_round, ns.steps, ns.batch_size, device, ns.dataset, ns.input_shape,
-        strategies, ns.repeats, not ns.no_loop, ns.data_dir,
+        strategies, ns.repeats, not ns.no_loop, ns.data_dir, ns.partition, ns.alpha, compiles,
     )
     c = res["config"]
+    work = (f"{c['per_round']} of {ns.clients} Dirichlet({ns.alpha}) clients (samples min/median/max "
+            f"{'/'.join(map(str, c['client_samples_min_median_max']))}), {c['client_steps_per_round']} client-steps"
+            if ns.partition == "hetero" else f"{c['per_round']} clients x {c['steps']} steps")
     print(
         f"spfl bench engine: {c['model']} ({c['num_params']:,} params) on {c['dataset']} {tuple(c['input_shape'])}, "
-        f"{c['per_round']} clients x {c['steps']} steps x batch {c['batch_size']}, {c['device']}, "
+        f"{work} x batch {c['batch_size']}, {c['device']}, "
         f"{c['threads']} threads, median of {c['repeats']} alternating calls"
     )
     print(format_rows(res["rows"]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
@@ -34,6 +35,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from ..data.packing import PackedClients
 from ..stages import BatchTransform, RoundContext
+from .graphs import StepGraphs, bucket
 from .optim import make_client_optimizer
 from .params import ParamSpec, Params
 from .schedule import Schedule, make_schedule
@@ -185,6 +187,10 @@ class VmapTrainer:
         self._vgrad = vmap(grad_and_value(self._loss))
         self._grad1 = grad_and_value(self._loss)
         self._vgrad_sum = vmap(grad_and_value(self._loss_sum), in_dims=(None, 0, 0, 0))
+        self._vgrad_sum_rows = vmap(grad_and_value(self._loss_sum))
+        mode = cfg.compile if self.strategy == "vmap" else "off"
+        self._graphs = StepGraphs(self._step_fn, mode)
+        self._gather_graphs = StepGraphs(self._gather_step_fn, mode)
         opt_slots = {"sgd": 1 if cfg.momentum else 0, "adam": 2}[cfg.client_optimizer]
         if self.strategy == "loop":
             self.chunk = 1
@@ -216,62 +222,127 @@ class VmapTrainer:
     def train(self, ctx: RoundContext, transforms: Sequence[BatchTransform] = ()) -> LocalResult:
         """Run local training for ``ctx.client_ids``; returns the ``[N, D]`` update matrix.
 
-        ``transforms`` rewrite each step's batches (data poisoning such as label flipping acts on
-        the malicious clients' rows through ``ctx.malicious``).
+        Clients are ordered by their step counts, most first, and chunked in that order, so a
+        chunk holds clients of similar length; within a chunk only the clients still training
+        run each step (see :meth:`_train_chunk`). ``transforms`` rewrite each step's batches
+        (data poisoning such as label flipping acts on the malicious clients' rows through
+        ``ctx.malicious``).
         """
         sched = round_schedule(ctx, self.cfg.batch_size, self.cfg.epochs, self.cfg.use_gradient)
         N = ctx.num_clients
-        if self._use_workers(N):
+        if self._use_workers(ctx):
             return self._train_workers(ctx, sched, transforms)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
+        order = largest_first(sched.steps)  # (N,) cohort rows, most steps first
         for lo in range(0, N, self.chunk):
-            hi = min(N, lo + self.chunk)
-            ids = torch.tensor(ctx.client_ids[lo:hi], device=self.device)
-            rows = torch.arange(lo, hi, device=self.device)
-            part = sched.select(slice(lo, hi))
-            if self.cfg.use_gradient:
-                U[lo:hi], losses[lo:hi] = self._gradient_chunk(ctx, ids, rows, part, transforms)
-            else:
-                U[lo:hi], losses[lo:hi] = self._train_chunk(ctx, ids, rows, part, transforms)
+            rows = order[lo : lo + self.chunk]
+            part = sched.select(rows)
+            fn = self._gradient_chunk if self.cfg.use_gradient else self._train_chunk
+            out_rows = rows.to(self.device)
+            U[out_rows], losses[out_rows] = fn(ctx, rows, part, transforms)
         return LocalResult(U, losses, self.strategy, self.chunk)
 
+    @property
+    def graph_stats(self) -> tuple[float, int]:
+        """``(seconds spent tracing, cached step graphs)`` so far."""
+        gs = (self._graphs, self._gather_graphs)
+        return sum(g.trace_s for g in gs), sum(len(g.graphs) for g in gs)
+
+    # ---- the vectorized chunk ---------------------------------------------------------------
+    def start_params(self, ctx: RoundContext, cohort_rows: torch.Tensor) -> Params:
+        """``{k: (n, *shape)}`` the models the clients at ``cohort_rows`` start from: the global
+        model broadcast, or each row's own (``ctx.row_params``, vectorized sweeps)."""
+        n = len(cohort_rows)
+        if ctx.row_params is not None:
+            return {k: v[cohort_rows].clone() for k, v in ctx.row_params.items()}
+        return {k: v.expand(n, *v.shape).clone() for k, v in ctx.global_params.items()}
+
+    def _hypers(self, ctx: RoundContext, cohort_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-row client hyperparameters ``{name: (n,)}`` of a vectorized sweep (else empty)."""
+        if not ctx.row_hypers:
+            return {}
+        return {k: v[cohort_rows].to(self.device) for k, v in ctx.row_hypers.items()}
+
+    def _step_fn(self, params: Params, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 m: torch.Tensor, hypers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One local step of ``b`` clients, in place: gradients, then the optimizer update.
+        ``x (b, B, ...)``, ``y (b, B)``, ``m (b, B)`` real-sample mask; returns the losses ``(b,)``.
+        Traced by :class:`StepGraphs` (no data-dependent Python control flow here)."""
+        grads, loss = self._grad_fn(len(y))(params, x, y, m)
+        self.opt.step_(params, grads, state, hypers or None)
+        return loss
+
+    def _gather_step_fn(self, params: Params, state: dict[str, torch.Tensor], index_rows: torch.Tensor, pos: torch.Tensor,
+                        mask: torch.Tensor, hypers: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`_step_fn` with the batch gather inside (no batch transforms): ``index_rows
+        (b, n_max)``, ``pos (b, B)``, ``mask (b, B)``; one graph replaces the gather's ops too."""
+        gidx = index_rows.gather(1, pos)  # (b, B)
+        x, y = self.packed.x[gidx], self.packed.y[gidx]
+        return self._step_fn(params, state, x, y, mask.to(x.dtype), hypers)
+
     def _train_chunk(
-        self, ctx: RoundContext, ids: torch.Tensor, cohort_rows: torch.Tensor, sched: Schedule, transforms: Sequence[BatchTransform]
+        self, ctx: RoundContext, rows: torch.Tensor, sched: Schedule, transforms: Sequence[BatchTransform]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = len(ids)
-        global_params = ctx.global_params
-        if self.strategy == "loop" and n == 1 and self._float_hypers():
-            return self._train_one(self.model, ctx, int(cohort_rows[0]), sched, transforms)
-        rows = self.packed.index[ids]  # (n, n_max)
-        params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
-        state = self.opt.init(params)
-        active_cpu = sched.active  # (n, T) decisions on the host, no device sync
+        """Local training of the cohort rows ``rows (n,)``, sorted by step count (most first).
+
+        At step ``t`` the clients still training are the prefix ``[:a_t]``; only they run, as
+        prefix views of the stacked parameters and optimizer state, updated in place. No step
+        is masked. With ``--compile trace`` the step runs ``bucket(a_t)`` rows through a cached
+        graph; the extra rows belong to clients that have finished, whose parameters were saved
+        when they finished (``final``), so they change nothing.
+
+        Returns:
+            ``U (n, D)`` and the mean loss over each client's steps ``(n,)``.
+        """
+        n = len(rows)
+        cohort_rows = rows.to(self.device)
+        if self.strategy == "loop" and n == 1 and self._float_hypers() and ctx.row_params is None and not ctx.row_hypers:
+            return self._train_one(self.model, ctx, int(rows[0]), sched, transforms)
+        ids = torch.tensor([ctx.client_ids[int(r)] for r in rows], device=self.device)
+        index_rows = self.packed.index[ids]  # (n, n_max)
+        start = self.start_params(ctx, cohort_rows)  # {k: (n, *shape)}
+        params = {k: v.clone() for k, v in start.items()}
+        hypers = self._hypers(ctx, cohort_rows)
+        mom = hypers.get("momentum", self.cfg.momentum)
+        state = make_client_optimizer(self.cfg.client_optimizer, self.cfg.lr, mom, self.cfg.wd).init(params)
+        steps = [int(s) for s in sched.steps]  # (n,) descending
         pos, mask = sched.pos.to(self.device), sched.mask.to(self.device)
-        active = active_cpu.to(self.device)
+        final = torch.empty(n, self.spec.dim, device=self.device)  # each client's model when it finished
         loss_sum = torch.zeros(n, device=self.device)
-        gfn = self._grad_fn(n)
-        for t in range(sched.num_steps):
-            if not bool(active_cpu[:, t].any()):
-                continue
-            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows, mask[:, t])  # (n, B, ...), (n, B)
-            grads, loss = gfn(params, x, y, mask[:, t].to(x.dtype))
-            all_active = bool(active_cpu[:, t].all())  # host-side: skip the padding masks
-            params, state = self.opt.step(params, grads, state, None if all_active else active[:, t])
-            loss_sum += loss * active[:, t]
-        steps = active.sum(dim=1).clamp(min=1)
-        U = self.spec.flatten(params, stacked=True) - self.spec.flatten(global_params)[None]
-        return U, loss_sum / steps
+        a = sum(1 for k in steps if k > 0)
+        if a < n:  # clients without data keep the model they started from
+            final[a:] = self.spec.flatten({k: v[a:] for k, v in params.items()}, stacked=True)
+        graphs = self._graphs.mode != "off"
+        for t in range(steps[0] if n else 0):
+            b = bucket(a, n) if graphs else a
+            view = lambda d: {k: v[:b] for k, v in d.items()}  # noqa: E731 (prefix views)
+            key = (b, pos.shape[2], tuple(sorted(hypers)))
+            if transforms:  # transforms are Python with generators: they run eagerly, outside the graph
+                x, y = gather_batch(self.packed, index_rows[:b], pos[:b, t], ctx, transforms, cohort_rows[:b], mask[:b, t])
+                m = mask[:b, t].to(x.dtype)  # (b, B)
+                loss = self._graphs(key, view(params), view(state), x, y, m, view(hypers))
+            else:
+                loss = self._gather_graphs(key, view(params), view(state), index_rows[:b], pos[:b, t], mask[:b, t], view(hypers))
+            loss_sum[:a] += loss[:a]
+            a_next = a
+            while a_next > 0 and steps[a_next - 1] <= t + 1:
+                a_next -= 1
+            if a_next < a:  # clients a_next..a-1 took their last step
+                final[a_next:a] = self.spec.flatten({k: v[a_next:a] for k, v in params.items()}, stacked=True)
+            a = a_next
+        U = final - self.spec.flatten(start, stacked=True)
+        return U, loss_sum / sched.steps.to(self.device).clamp(min=1)
 
     def _float_hypers(self) -> bool:
         """The per-client fast path drives ``torch.optim``, which needs float hyperparameters."""
         return all(not isinstance(h, torch.Tensor) for h in (self.cfg.lr, self.cfg.momentum, self.cfg.wd))
 
-    def _use_workers(self, n: int) -> bool:
+    def _use_workers(self, ctx: RoundContext) -> bool:
         """Threaded per-client training: ``loop`` strategy on a multi-core CPU, float hypers."""
         return (
-            self.strategy == "loop" and self.device.type == "cpu" and not self.cfg.use_gradient and n > 1
-            and self._float_hypers() and self._workers() > 1
+            self.strategy == "loop" and self.device.type == "cpu" and not self.cfg.use_gradient and ctx.num_clients > 1
+            and self._float_hypers() and ctx.row_params is None and not ctx.row_hypers and self._workers() > 1
         )
 
     def _workers(self) -> int:
@@ -280,7 +351,9 @@ class VmapTrainer:
 
     def _train_workers(self, ctx: RoundContext, sched: Schedule, transforms: Sequence[BatchTransform]) -> LocalResult:
         """Clients spread over ``W`` Python threads, each running one client at a time with one
-        intra-op thread (torch releases the GIL inside ops).
+        intra-op thread (torch releases the GIL inside ops). The threads take clients from one
+        shared queue, largest first, so the longest clients do not end up last on one thread
+        (round-robin left one thread idle at the end of heterogeneous rounds).
 
         A local batch of 10 keeps mkldnn's intra-op parallelism poorly used, and OpenMP threads
         that wait on each other collapse when another process takes a core; independent
@@ -294,8 +367,15 @@ class VmapTrainer:
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
 
+        queue = iter(largest_first(sched.steps).tolist())  # shared; next() is atomic under the GIL
+        lock = threading.Lock()
+
         def work(w: int) -> None:
-            for i in range(w, N, W):
+            while True:
+                with lock:
+                    i = next(queue, None)
+                if i is None:
+                    return
                 U[i : i + 1], losses[i : i + 1] = self._train_one(self._replicas[w], ctx, i, sched.select(slice(i, i + 1)), transforms)
 
         prev = torch.get_num_threads()
@@ -361,23 +441,36 @@ class VmapTrainer:
         return self.device.type == "cpu" and has_conv(self.model) and os.environ.get("SPFL_CHANNELS_LAST", "1") != "0"
 
     def _gradient_chunk(
-        self, ctx: RoundContext, ids: torch.Tensor, cohort_rows: torch.Tensor, sched: Schedule, transforms: Sequence[BatchTransform]
+        self, ctx: RoundContext, rows: torch.Tensor, sched: Schedule, transforms: Sequence[BatchTransform]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """FedSGD (McMahan et al. 2017): each client's gradient over all its samples at the global model."""
-        n = len(ids)
-        global_params = ctx.global_params
-        rows = self.packed.index[ids]
+        """FedSGD (McMahan et al. 2017): each client's gradient over all its samples at the global
+        model. ``rows (n,)`` sorted by step count, most first; step ``t`` runs the clients that
+        still have samples (a prefix)."""
+        n = len(rows)
+        cohort_rows = rows.to(self.device)
+        ids = torch.tensor([ctx.client_ids[int(r)] for r in rows], device=self.device)
+        index_rows = self.packed.index[ids]
         pos, mask = sched.pos.to(self.device), sched.mask.to(self.device)
-        active_cpu = sched.active
+        steps = [int(k) for k in sched.steps]
         acc = torch.zeros(n, self.spec.dim, device=self.device)
         loss_sum = torch.zeros(n, device=self.device)
-        for t in range(sched.num_steps):
-            if not bool(active_cpu[:, t].any()):
-                continue
-            x, y = gather_batch(self.packed, rows, pos[:, t], ctx, transforms, cohort_rows, mask[:, t])
-            m = mask[:, t].to(x.dtype)
-            g, l = self._vgrad_sum(global_params, x, y, m)  # params shared: in_dims None
-            acc += self.spec.flatten(g, stacked=True)
-            loss_sum += l
+        if ctx.row_params is not None:
+            start = self.start_params(ctx, cohort_rows)
+            vgrad, shared = self._vgrad_sum_rows, None
+        else:
+            start, vgrad, shared = None, self._vgrad_sum, ctx.global_params
+        for t in range(steps[0] if n else 0):
+            a = sum(1 for k in steps if k > t)
+            x, y = gather_batch(self.packed, index_rows[:a], pos[:a, t], ctx, transforms, cohort_rows[:a], mask[:a, t])
+            m = mask[:a, t].to(x.dtype)
+            p = shared if start is None else {k: v[:a] for k, v in start.items()}
+            g, l = vgrad(p, x, y, m)
+            acc[:a] += self.spec.flatten(g, stacked=True)
+            loss_sum[:a] += l
         counts = self.packed.counts[ids].to(acc.dtype)
         return acc / counts[:, None], loss_sum / counts
+
+
+def largest_first(steps: torch.Tensor) -> torch.Tensor:
+    """Indices ordering clients by step count, most first (ties by position: deterministic)."""
+    return torch.argsort(steps, descending=True, stable=True)

@@ -45,8 +45,19 @@ def _keep(active: torch.Tensor | None, new: torch.Tensor, old: torch.Tensor) -> 
     return new if active is None else torch.where(_bcast(active, new), new, old)
 
 
+Hypers = dict[str, torch.Tensor]  # {"lr" | "momentum" | "wd": (n,)} per-client values
+
+
+def _hypers(hypers: Hypers | None, lr: Hyper, momentum: Hyper, wd: Hyper) -> tuple[Hyper, Hyper, Hyper]:
+    """The step's ``(lr, momentum, wd)``: per-client tensors from ``hypers`` where given."""
+    h = hypers or {}
+    return h.get("lr", lr), h.get("momentum", momentum), h.get("wd", wd)
+
+
 def _nonzero(h: Hyper) -> bool:
-    return bool((h != 0).any()) if isinstance(h, torch.Tensor) else h != 0
+    """Whether a term with ``h`` must be computed: a float's value; a tensor always (its rows may
+    differ, ``0 * x`` adds nothing, and a host-side check would break graph tracing)."""
+    return True if isinstance(h, torch.Tensor) else h != 0
 
 
 @dataclass
@@ -58,7 +69,8 @@ class StackedSGD:
     wd: Hyper
 
     def init(self, params: Params) -> State:
-        if not _nonzero(self.momentum):
+        m = self.momentum
+        if not (bool((m != 0).any()) if isinstance(m, torch.Tensor) else m != 0):
             return {}
         return {f"buf.{k}": torch.zeros_like(v) for k, v in params.items()}
 
@@ -73,6 +85,27 @@ class StackedSGD:
                 d = buf
             new_p[k] = _keep(active, _axpy(p, d, -self.lr), p)
         return new_p, new_s
+
+    def step_(self, params: Params, grads: Params, state: State, hypers: Hypers | None = None) -> None:
+        """The same step in place, every client active (the engine trains only active clients).
+
+        ``params``/``state`` may be views (a prefix of the stacked clients); ``hypers`` holds
+        per-client ``(n,)`` tensors that replace ``lr``/``momentum``/``wd`` (vectorized sweeps).
+        """
+        lr, mom, wd = _hypers(hypers, self.lr, self.momentum, self.wd)
+        for k, p in params.items():
+            d = _axpy(grads[k], p, wd) if _nonzero(wd) else grads[k]
+            if state:
+                buf = state[f"buf.{k}"]
+                if isinstance(mom, torch.Tensor):
+                    buf.mul_(_bcast(mom, buf)).add_(d)
+                else:
+                    buf.mul_(mom).add_(d)  # torch.optim's ops (its first buf = d = 0 * m + d)
+                d = buf
+            if isinstance(lr, torch.Tensor):
+                p.sub_(_bcast(lr, p) * d)
+            else:
+                p.add_(d, alpha=-lr)
 
 
 @dataclass
@@ -115,6 +148,22 @@ class StackedAdam:
             new_s[f"m.{k}"] = _keep(active, m, state[f"m.{k}"])
             new_s[f"v.{k}"] = _keep(active, v, state[f"v.{k}"])
         return new_p, new_s
+
+    def step_(self, params: Params, grads: Params, state: State, hypers: Hypers | None = None) -> None:
+        """The same step in place, every client active (see :meth:`StackedSGD.step_`)."""
+        lr, _, wd = _hypers(hypers, self.lr, 0.0, self.wd)
+        step = state["step"]
+        step.add_(1.0)
+        lr64 = lr.double() if isinstance(lr, torch.Tensor) else lr
+        neg_step_size = (-(lr64 / (1 - self.beta1**step))).float()  # (n,)
+        bc2_sqrt = torch.sqrt(1 - self.beta2**step).float()  # (n,)
+        for k, p in params.items():
+            g = _axpy(grads[k], p, wd) if _nonzero(wd) else grads[k]
+            m, v = state[f"m.{k}"], state[f"v.{k}"]
+            m.lerp_(g, 1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+            denom = torch.sqrt(v) / _bcast(bc2_sqrt, p) + self.eps
+            p.add_(_bcast(neg_step_size, p) * (m / denom))
 
 
 def make_client_optimizer(name: str, lr: Hyper, momentum: Hyper, wd: Hyper):

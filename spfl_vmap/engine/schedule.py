@@ -2,8 +2,12 @@
 
 Each client shuffles its own samples every epoch with a generator seeded by
 ``(seed, "batches", round, client_id, epoch)``, drawn outside vmap: a client's batches do not
-depend on which other clients were sampled. Every client runs ``S = max_k ceil(n_k / B)``
-steps per epoch; the slots past a client's count are masked, so they change nothing.
+depend on which other clients were sampled. Client ``k`` takes ``T_k = epochs * ceil(n_k / B)``
+steps, and they come first in its row: step ``t < T_k`` is epoch ``t // s_k``, batch
+``t % s_k`` (``s_k = ceil(n_k / B)``); the slots of a partial last batch and every step
+``t >= T_k`` are masked. So the clients still training at step ``t`` are those with
+``T_k > t``; sorted by ``T_k`` they are a prefix, which the vectorized engine trains without
+any masked (dead) steps.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from ..rng import generator
 class Schedule:
     pos: torch.Tensor  # (N, T, B) positions into each client's index row
     mask: torch.Tensor  # (N, T, B) bool: real sample
-    steps_per_epoch: int
+    steps: torch.Tensor  # (N,) long: real steps T_k of each client (its first T_k steps)
 
     @property
     def num_steps(self) -> int:
@@ -27,29 +31,31 @@ class Schedule:
 
     @property
     def active(self) -> torch.Tensor:
-        return self.mask.any(dim=2)  # (N, T)
+        return torch.arange(self.num_steps)[None, :] < self.steps[:, None]  # (N, T)
 
     def select(self, rows: slice | torch.Tensor) -> "Schedule":
-        return Schedule(self.pos[rows], self.mask[rows], self.steps_per_epoch)
+        return Schedule(self.pos[rows], self.mask[rows], self.steps[rows])
 
 
 def make_schedule(
     client_ids: list[int], counts: list[int], batch_size: int, epochs: int, seed: int, round_idx: int, shuffle: bool = True
 ) -> Schedule:
-    """Build the ``(N, epochs * S, B)`` schedule for the sampled clients."""
+    """Build the ``(N, T, B)`` schedule of the sampled clients, ``T = max_k T_k``."""
     n_clients = len(client_ids)
     B = batch_size
-    S = max(1, max((-(-c // B) for c in counts), default=1))
-    slots = S * B
-    pos = torch.zeros(n_clients, epochs, slots, dtype=torch.long)
-    for i, (cid, n_k) in enumerate(zip(client_ids, counts)):
+    per_epoch = [-(-c // B) for c in counts]  # s_k (0 for an empty client)
+    steps = torch.tensor([epochs * s for s in per_epoch], dtype=torch.long)
+    T = max(1, int(steps.max()) if n_clients else 1)
+    pos = torch.zeros(n_clients, T * B, dtype=torch.long)
+    mask = torch.zeros(n_clients, T * B, dtype=torch.bool)
+    for i, (cid, n_k, s_k) in enumerate(zip(client_ids, counts, per_epoch)):
+        slots = s_k * B  # one epoch's slots, the last batch possibly partial
         if shuffle:
             g = generator(seed, "batches", round_idx, cid)
-            for e in range(epochs):
-                pos[i, e, :n_k] = torch.randperm(n_k, generator=g)
+            order = [torch.randperm(n_k, generator=g) for _ in range(epochs)]
         else:
-            pos[i, :, :n_k] = torch.arange(n_k)
-    cnt = torch.tensor(counts, dtype=torch.long)
-    mask = torch.arange(slots)[None, None, :] < cnt[:, None, None]  # (N, 1, S*B)
-    mask = mask.expand(n_clients, epochs, slots)
-    return Schedule(pos.reshape(n_clients, epochs * S, B), mask.reshape(n_clients, epochs * S, B).contiguous(), S)
+            order = [torch.arange(n_k)] * epochs
+        for e in range(epochs):
+            pos[i, e * slots : e * slots + n_k] = order[e]
+            mask[i, e * slots : e * slots + n_k] = True
+    return Schedule(pos.reshape(n_clients, T, B), mask.reshape(n_clients, T, B), steps)

@@ -103,20 +103,32 @@ def build_workload(
     momentum: float = 0.0,
     data_dir: str = "./data",
     seed: int = 0,
+    partition: str = "homo",
+    alpha: float = 0.5,
 ) -> Workload:
-    """Data sized so that each of ``clients`` clients takes ``steps`` full batches of ``batch_size``.
+    """One round's work for ``clients`` clients, ``per_round`` of them sampled.
 
-    Synthetic data gets ``clients * steps * batch_size`` samples; a real dataset is cut to that
-    many (it must be large enough). The partition is ``homo``, so every client holds exactly
-    ``steps * batch_size`` samples and one epoch is ``steps`` local steps.
+    ``partition="homo"``: data sized so that each client takes ``steps`` full batches of
+    ``batch_size`` (synthetic data gets ``clients * steps * batch_size`` samples; a real dataset
+    is cut to that many), so every client runs the same number of steps.
+    ``partition="hetero"``: the real workload: a Dirichlet(``alpha``) split of the whole
+    dataset (of ``clients * steps * batch_size`` samples for synthetic data), so clients are
+    unequal in size and in steps; ``steps`` is then only the mean.
     """
     if clients < 1 or steps < 1 or batch_size < 1:
         raise ConfigError("--clients, --steps and --batch_size must be >= 1")
+    if partition not in ("homo", "hetero"):
+        raise ConfigError(f"--partition must be homo or hetero, got {partition!r}")
     per_round = per_round or clients
     if per_round > clients:
         raise ConfigError(f"--per_round ({per_round}) cannot exceed --clients ({clients})")
     n = clients * steps * batch_size
-    if dataset == "synthetic":
+    if dataset != "synthetic" and partition == "hetero":
+        if input_shape is not None:
+            raise ConfigError("--input_shape applies to --dataset synthetic only")
+        data = load_dataset(dataset, data_dir)
+        n = len(data.y_train)
+    elif dataset == "synthetic":
         data = load_synthetic(synthetic_train=n, synthetic_test=10, input_shape=input_shape or (1, 28, 28), seed=seed)
     else:
         if input_shape is not None:
@@ -129,7 +141,7 @@ def build_workload(
             )
         data = Dataset(full.name, full.x_train[:n], full.y_train[:n], full.x_test[:100], full.y_test[:100], full.num_classes, full.source)
     cfg = Config(
-        dataset="synthetic" if dataset == "synthetic" else dataset, model=model, partition_method="homo",
+        dataset="synthetic" if dataset == "synthetic" else dataset, model=model, partition_method=partition, partition_alpha=alpha,
         client_num_in_total=clients, client_num_per_round=per_round, batch_size=batch_size, epochs=1,
         client_optimizer=optimizer, lr=lr, momentum=momentum, device=device, seed=seed, progress=False,
         data_dir=data_dir, synthetic_train=n, synthetic_test=10,
@@ -139,15 +151,21 @@ def build_workload(
     return Workload(sim, ids, sim.context(1, ids), cfg)
 
 
-def make_trainers(w: Workload, strategies: Sequence[str], loop: bool = True) -> dict[str, Any]:
-    """``{label: trainer}``: one :class:`VmapTrainer` per strategy (``auto`` labelled with the
-    strategy it picks) and, with ``loop``, the reference :class:`LoopTrainer`."""
+def make_trainers(w: Workload, strategies: Sequence[str], loop: bool = True, compiles: Sequence[str] = ("trace",)) -> dict[str, Any]:
+    """``{label: trainer}``: one :class:`VmapTrainer` per strategy and ``--compile`` mode
+    (``auto`` labelled with the strategy it picks; the mode named only when several are timed)
+    and, with ``loop``, the reference :class:`LoopTrainer`."""
     sim = w.sim
     out: dict[str, Any] = {}
     for s in strategies:
-        t = VmapTrainer(sim.model, sim.spec, sim.packed, w.cfg.replace(strategy=s), sim.device)
-        label = f"vectorized auto={t.strategy}" if s == "auto" else f"vectorized {s}"
-        out[label] = t
+        for c in compiles:
+            t = VmapTrainer(sim.model, sim.spec, sim.packed, w.cfg.replace(strategy=s, compile=c), sim.device)
+            label = f"vectorized auto={t.strategy}" if s == "auto" else f"vectorized {s}"
+            if len(compiles) > 1 and t.strategy == "vmap":
+                label += f" {c}"
+            elif len(compiles) > 1 and c != compiles[0]:
+                continue  # the loop strategy traces nothing: one row is enough
+            out[label] = t
     if loop:
         out[REF] = LoopTrainer(sim.model, sim.spec, sim.packed, w.cfg, sim.device)
     return out
@@ -161,14 +179,19 @@ class Timing:
     chunk: int
     seconds: list[float] = field(default_factory=list)
     peak_bytes: int = 0
+    trace_s: float = 0.0  # seconds spent tracing step graphs (once per shape, in the warm-up)
+    graphs: int = 0  # cached step graphs
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
 
 
-def time_trainers(w: Workload, trainers: dict[str, Any], repeats: int = 3, warmup: int = 1) -> dict[str, Timing]:
+def time_trainers(w: Workload, trainers: dict[str, Any], repeats: int = 3, warmup: int = 2) -> dict[str, Timing]:
     """Alternate the trainers (A B A B ...) ``repeats`` times after ``warmup`` calls each.
+
+    Two warm-up calls: ``--compile trace`` traces a shape on its second use, so the timed calls
+    replay graphs; the tracing seconds are reported apart (``trace_s``).
 
     Returns per-trainer timings: the seconds of every timed call and the peak memory above the
     pre-call baseline over all calls.
@@ -193,6 +216,9 @@ def time_trainers(w: Workload, trainers: dict[str, Any], repeats: int = 3, warmu
             base = reset_peak(dev)
             res[k].seconds.append(call(t))
             res[k].peak_bytes = max(res[k].peak_bytes, peak_since(dev, base))
+    for k, t in trainers.items():
+        if hasattr(t, "graph_stats"):
+            res[k].trace_s, res[k].graphs = t.graph_stats
     return res
 
 
@@ -212,18 +238,22 @@ def engine_rows(w: Workload, timings: dict[str, Timing]) -> list[dict[str, Any]]
             "client_steps_per_s": steps / t.median,
             "clients_per_s": len(w.ids) / t.median,
             "peak_mem_mb": t.peak_bytes / 2**20,
+            "trace_s": t.trace_s,
+            "graphs": t.graphs,
         })
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    head = f"{'engine':<24} {'strategy':<15} {'chunk':>6} {'s/round':>9} {'loop/this':>9} {'client-steps/s':>14} {'peak MB':>8}"
+    head = (f"{'engine':<30} {'strategy':<15} {'chunk':>6} {'s/round':>9} {'loop/this':>9} {'client-steps/s':>14} "
+            f"{'peak MB':>8} {'trace s':>8}")
     out = [head, "-" * len(head)]
     for r in rows:
         sp = f"{r['speedup_vs_loop']:.2f}x" if r["speedup_vs_loop"] is not None else "-"
+        tr = f"{r['trace_s']:.2f}" if r.get("graphs") else "-"
         out.append(
-            f"{r['engine']:<24} {r['strategy']:<15} {r['chunk']:>6} {r['s_per_round']:>9.4f} {sp:>9} "
-            f"{r['client_steps_per_s']:>14.1f} {r['peak_mem_mb']:>8.1f}"
+            f"{r['engine']:<30} {r['strategy']:<15} {r['chunk']:>6} {r['s_per_round']:>9.4f} {sp:>9} "
+            f"{r['client_steps_per_s']:>14.1f} {r['peak_mem_mb']:>8.1f} {tr:>8}"
         )
     return "\n".join(out)
 
@@ -241,21 +271,31 @@ def bench_engine(
     repeats: int = 3,
     loop: bool = True,
     data_dir: str = "./data",
+    partition: str = "homo",
+    alpha: float = 0.5,
+    compiles: Sequence[str] = ("trace",),
 ) -> dict[str, Any]:
-    """Time the vectorized engine (each of ``strategies``) against the reference loop.
+    """Time the vectorized engine (each of ``strategies`` x ``compiles``) against the reference loop.
 
     Returns:
         ``{"config": {...}, "rows": [...]}``; each row has ``s_per_round`` (median),
         ``speedup_vs_loop``, ``client_steps_per_s`` and ``peak_mem_mb``.
     """
-    w = build_workload(model, clients, per_round, steps, batch_size, device, dataset, input_shape, data_dir=data_dir)
-    timings = time_trainers(w, make_trainers(w, strategies, loop), repeats)
+    w = build_workload(model, clients, per_round, steps, batch_size, device, dataset, input_shape, data_dir=data_dir,
+                       partition=partition, alpha=alpha)
+    timings = time_trainers(w, make_trainers(w, strategies, loop, compiles), repeats)
+    sched = round_schedule(w.ctx, batch_size, w.cfg.epochs, w.cfg.use_gradient)
+    counts = sorted(w.ctx.counts)
     return {
         "config": {
             "model": model, "clients": clients, "per_round": len(w.ids), "steps": steps, "batch_size": batch_size,
             "dataset": dataset, "input_shape": list(w.sim.dataset.input_shape), "device": str(w.sim.device),
             "num_params": w.sim.num_params, "repeats": repeats, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "client_steps_per_round": w.client_steps,
+            "partition": partition, "alpha": alpha if partition == "hetero" else None,
+            "client_samples_min_median_max": [counts[0], counts[len(counts) // 2], counts[-1]],
+            # the old engine ran every client of a chunk for the longest client's steps
+            "padded_fraction_if_unsorted": 1 - w.client_steps / (len(w.ids) * sched.num_steps),
         },
         "rows": engine_rows(w, timings),
     }

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..data.packing import PackedClients
-from ..engine.local import LocalResult, activation_numel, available_memory, gather_batch, round_schedule
+from ..engine.local import LocalResult, activation_numel, available_memory, gather_batch, largest_first, round_schedule
 from ..engine.optim import make_client_optimizer
 from ..engine.params import ParamSpec, Params
 from ..errors import ConfigError
@@ -146,51 +146,52 @@ class DPSGDTrainer:
             self.chunk = dpsgd_auto_chunk(self.model, tuple(self.packed.x.shape[1:]), batches.max_batch, self._opt_slots, self.device, N)
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
+        order = largest_first(batches.active.sum(1))  # (N,) cohort rows, most steps first
         for lo in range(0, N, self.chunk):
-            hi = min(N, lo + self.chunk)
-            U[lo:hi], losses[lo:hi] = self._dp_chunk(ctx, lo, hi, batches.select(slice(lo, hi)), transforms)
+            rows = order[lo : lo + self.chunk]
+            out = rows.to(self.device)
+            U[out], losses[out] = self._dp_chunk(ctx, rows, batches.select(rows), transforms)
         return LocalResult(U, losses, self.strategy, self.chunk)
 
     def _dp_chunk(
-        self, ctx: RoundContext, lo: int, hi: int, b: DPBatches, transforms: Sequence[BatchTransform]
+        self, ctx: RoundContext, rows: torch.Tensor, b: DPBatches, transforms: Sequence[BatchTransform]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        client_ids, global_params = ctx.client_ids[lo:hi], ctx.global_params
+        """DP-SGD of the cohort rows ``rows (n,)``, sorted by step count (most first): step ``t``
+        runs the prefix of clients still training (no masked steps), in place on prefix views."""
+        client_ids, global_params = [ctx.client_ids[int(r)] for r in rows], ctx.global_params
         n, D, dev = len(client_ids), self.spec.dim, self.device
         ids = torch.tensor(client_ids, device=dev)
-        cohort_rows = torch.arange(lo, hi, device=dev)
-        rows = self.packed.index[ids]  # (n, n_max)
+        cohort_rows = rows.to(dev)
+        index_rows = self.packed.index[ids]  # (n, n_max)
         params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
         state = self.opt.init(params)
-        # host-side decisions: which steps run, how many columns each step needs (no device sync)
-        active_cpu = b.active
+        # host-side decisions: how many clients train at each step, how many columns each step
+        # needs (no device sync)
+        steps = [int(k) for k in b.active.sum(1)]  # (n,) descending
         sizes_cpu = b.mask.sum(2)  # (n, T) realised batch sizes
         width_cpu = (b.mask * torch.arange(1, b.max_batch + 1)).amax(2)  # (n, T) last included + 1
-        pos, mask, active = b.pos.to(dev), b.mask.to(dev), b.active.to(dev)
+        pos, mask = b.pos.to(dev), b.mask.to(dev)
         divisor = None if b.divisor is None else b.divisor.to(dev)[:, None]  # (n, 1)
         gens = [noise_generator(ctx.seed, ctx.round, c, dev) for c in client_ids] if self.sigma > 0 else []
-        noise = torch.zeros(n, D, device=dev)
         loss_sum = torch.zeros(n, device=dev)
         loss_steps = torch.zeros(n, device=dev)
-        for t in range(b.num_steps):
-            act_t = active_cpu[:, t]
-            if not bool(act_t.any()):
-                continue
-            L_t = max(1, int(width_cpu[:, t].max()))
-            x, y = gather_batch(self.packed, rows, pos[:, t, :L_t], ctx, transforms, cohort_rows, mask[:, t, :L_t])  # (n, L, ...), (n, L)
-            m = mask[:, t, :L_t].to(x.dtype)  # (n, L)
-            grads, sample_losses = self.per_sample_grads(params, x, y)  # {k: (n, L, *s)}, (n, L)
-            summed, _ = clip_and_sum(grads, m, self.clip)  # {k: (n, *s)}
-            if self.sigma > 0:
-                for i in range(n):  # per-client generators, drawn outside vmap, active steps only
-                    if act_t[i]:
-                        noise[i] = draw_noise(gens[i], D, dev)
-                noisy = self.spec.flatten(summed, stacked=True) + (self.sigma * self.clip) * noise  # (n, D)
+        for t in range(steps[0] if n else 0):
+            a = sum(1 for k in steps if k > t)  # clients [:a] take step t
+            L_t = max(1, int(width_cpu[:a, t].max()))
+            x, y = gather_batch(self.packed, index_rows[:a], pos[:a, t, :L_t], ctx, transforms, cohort_rows[:a], mask[:a, t, :L_t])  # (a, L, ...), (a, L)
+            m = mask[:a, t, :L_t].to(x.dtype)  # (a, L)
+            p_t = {k: v[:a] for k, v in params.items()}
+            grads, sample_losses = self.per_sample_grads(p_t, x, y)  # {k: (a, L, *s)}, (a, L)
+            summed, _ = clip_and_sum(grads, m, self.clip)  # {k: (a, *s)}
+            if self.sigma > 0:  # per-client generators, drawn outside vmap, one draw per step taken
+                noise = torch.stack([draw_noise(gens[i], D, dev) for i in range(a)])  # (a, D)
+                noisy = self.spec.flatten(summed, stacked=True) + (self.sigma * self.clip) * noise
                 summed = self.spec.unflatten(noisy)
-            div = divisor if divisor is not None else m.sum(1, keepdim=True).clamp(min=1.0)  # (n, 1)
-            grads_t = {k: g / div.reshape(n, *([1] * (g.dim() - 1))) for k, g in summed.items()}
-            params, state = self.opt.step(params, grads_t, state, active[:, t])
-            nonempty = (sizes_cpu[:, t] > 0).to(dev, loss_sum.dtype)  # (n,)
-            loss_sum += (sample_losses * m).sum(1) / m.sum(1).clamp(min=1.0) * nonempty
-            loss_steps += nonempty
+            div = divisor[:a] if divisor is not None else m.sum(1, keepdim=True).clamp(min=1.0)  # (a, 1)
+            grads_t = {k: g / div.reshape(a, *([1] * (g.dim() - 1))) for k, g in summed.items()}
+            self.opt.step_(p_t, grads_t, {k: v[:a] for k, v in state.items()})
+            nonempty = (sizes_cpu[:a, t] > 0).to(dev, loss_sum.dtype)  # (a,)
+            loss_sum[:a] += (sample_losses * m).sum(1) / m.sum(1).clamp(min=1.0) * nonempty
+            loss_steps[:a] += nonempty
         U = self.spec.flatten(params, stacked=True) - self.spec.flatten(global_params)[None]
         return U, loss_sum / loss_steps.clamp(min=1.0)

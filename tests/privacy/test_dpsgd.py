@@ -53,6 +53,7 @@ def make_cfg(**kw) -> SimpleNamespace:
     base = dict(
         client_optimizer="sgd", lr=0.05, momentum=0.0, wd=0.0, strategy="auto", client_chunk=0, batch_size=8,
         client_num_per_round=len(SIZES), use_gradient=False, epochs=2, seed=3, grad_norm=1.0, dp_sigma=0.0,
+        compile="trace",
     )
     base.update(kw)
     return SimpleNamespace(**base)
