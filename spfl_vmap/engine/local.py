@@ -65,6 +65,54 @@ def choose_strategy(model: nn.Module, device: torch.device) -> str:
     return "vmap"
 
 
+class _LinearSGD(torch.autograd.Function):
+    """``y = x W^T + b`` whose backward applies plain SGD to ``W`` and ``b`` in place
+    (``W -= lr g^T x``, one ``addmm_``; ``b -= lr sum(g)``) instead of returning their gradients.
+
+    The weight gradient of a dense layer is one matrix product; for plain SGD (no momentum, no
+    weight decay) the update is that product scaled and added to ``W``, which BLAS does in the
+    same call, so the gradient is never written out and read back. The input gradient uses ``W``
+    from before the update, so the maths is SGD's exactly (the rounding may differ by an ulp).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lr: float) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.bias, ctx.lr = bias, lr
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        gx = g @ weight if ctx.needs_input_grad[0] else None  # (b, in), with W before its update
+        with torch.no_grad():
+            weight.addmm_(g.t(), x, alpha=-ctx.lr)  # (out, in)
+            if ctx.bias is not None:
+                ctx.bias.add_(g.sum(0), alpha=-ctx.lr)
+        return gx, None, None, None
+
+
+class FusedSGDLinear(nn.Linear):
+    """An ``nn.Linear`` (same parameter names) whose backward is :class:`_LinearSGD`'s in-place
+    SGD step with learning rate ``lr``."""
+
+    lr: float = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearSGD.apply(x, self.weight, self.bias, self.lr)
+
+
+def fuse_dense_sgd(model: nn.Module, lr: float) -> nn.Module:
+    """A copy of ``model`` whose 2-D ``nn.Linear`` layers update themselves with plain SGD in the
+    backward pass (:class:`FusedSGDLinear`); their parameters then get no ``.grad``."""
+    fused = copy.deepcopy(model)
+    for m in fused.modules():
+        if type(m) is nn.Linear:
+            m.__class__ = FusedSGDLinear
+            m.lr = lr
+    return fused
+
+
 def available_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -298,7 +346,9 @@ class VmapTrainer:
         n = len(rows)
         cohort_rows = rows.to(self.device)
         if self.strategy == "loop" and n == 1 and self._float_hypers() and ctx.row_params is None and not ctx.row_hypers:
-            return self._train_one(self.model, ctx, int(rows[0]), sched, transforms)
+            if not self._replicas:
+                self._replicas.append(self._replica())
+            return self._train_one(self._replicas[0], ctx, int(rows[0]), sched, transforms)
         ids = torch.tensor([ctx.client_ids[int(r)] for r in rows], device=self.device)
         index_rows = self.packed.index[ids]  # (n, n_max)
         start = self.start_params(ctx, cohort_rows)  # {k: (n, *shape)}
@@ -363,7 +413,7 @@ class VmapTrainer:
         N = ctx.num_clients
         W = min(self._workers(), N)
         while len(self._replicas) < W:
-            self._replicas.append(copy.deepcopy(self.model))
+            self._replicas.append(self._replica())
         U = torch.empty(N, self.spec.dim, device=self.device)
         losses = torch.empty(N, device=self.device)
 
@@ -396,7 +446,9 @@ class VmapTrainer:
         stacked optimizer's ``torch.where`` masks (inactive steps are skipped on the host) and
         per-step dict rebuilding; on the CPU, conv models run in ``channels_last`` layout,
         which mkldnn convolves about 1.2x faster at local batch sizes. The optimizer performs
-        ``torch.optim``'s own ops, so the result equals the reference loop to rounding.
+        ``torch.optim``'s own ops, so the result equals the reference loop to rounding. With
+        plain SGD, ``model``'s dense layers apply their own update in the backward pass
+        (:func:`fuse_dense_sgd`) and the optimizer steps the rest.
         """
         global_params, cid = ctx.global_params, ctx.client_ids[i]
         cohort_row = torch.tensor([i], device=self.device)
@@ -436,6 +488,18 @@ class VmapTrainer:
             new = {k: v.detach() for k, v in leaves.items()}
             U = self.spec.flatten(new)[None] - self.spec.flatten(global_params)[None]  # (1, D)
         return U, (loss_sum / max(steps, 1)).reshape(1)
+
+    def _fuse_dense(self) -> bool:
+        """Dense layers update themselves in their backward (:func:`fuse_dense_sgd`) where that is
+        plain SGD exactly: SGD without momentum or weight decay. ``SPFL_FUSE_DENSE=0`` turns it off."""
+        c = self.cfg
+        return (c.client_optimizer == "sgd" and self._float_hypers() and c.momentum == 0 and c.wd == 0
+                and os.environ.get("SPFL_FUSE_DENSE", "1") != "0")
+
+    def _replica(self) -> nn.Module:
+        """A per-worker module copy for :meth:`_train_one` (``functional_call`` swaps a module's
+        parameters in place, so threads cannot share one)."""
+        return fuse_dense_sgd(self.model, float(self.cfg.lr)) if self._fuse_dense() else copy.deepcopy(self.model)
 
     def _channels_last(self) -> bool:
         return self.device.type == "cpu" and has_conv(self.model) and os.environ.get("SPFL_CHANNELS_LAST", "1") != "0"

@@ -33,9 +33,11 @@ def _bcast(h: Hyper, like: torch.Tensor) -> Hyper:
 
 def _axpy(y: torch.Tensor, x: torch.Tensor, a: Hyper) -> torch.Tensor:
     """``y + a * x``, as ``torch.add(y, x, alpha=a)`` for a float (torch.optim's own op and
-    rounding) and as broadcast arithmetic for tensor hyperparameters (sweeps)."""
+    rounding) and as ``torch.addcmul(y, a, x)`` for tensor hyperparameters (sweeps), which
+    rounds like ``add(alpha=)`` (once, not after the product as ``y + a * x`` would).
+    A tensor ``a`` is cast to ``y``'s dtype, as ``add`` casts its Python-float alpha."""
     if isinstance(a, torch.Tensor):
-        return y + _bcast(a, y) * x
+        return torch.addcmul(y, _bcast(a.to(y.dtype), y), x)
     return torch.add(y, x, alpha=a)
 
 
@@ -98,12 +100,12 @@ class StackedSGD:
             if state:
                 buf = state[f"buf.{k}"]
                 if isinstance(mom, torch.Tensor):
-                    buf.mul_(_bcast(mom, buf)).add_(d)
+                    buf.mul_(_bcast(mom.to(buf.dtype), buf)).add_(d)
                 else:
                     buf.mul_(mom).add_(d)  # torch.optim's ops (its first buf = d = 0 * m + d)
                 d = buf
             if isinstance(lr, torch.Tensor):
-                p.sub_(_bcast(lr, p) * d)
+                p.addcmul_(_bcast(lr.to(p.dtype), p), d, value=-1)  # rounds as add(alpha=-lr)
             else:
                 p.add_(d, alpha=-lr)
 

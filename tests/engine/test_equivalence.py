@@ -22,6 +22,7 @@ CASES = [
     ("cnn", "vmap", "sgd", 0.9, 1e-3, 0.05),
     ("cnn", "vmap", "adam", 0.0, 0.0, 1e-4),
     ("cnn", "loop", "sgd", 0.9, 1e-3, 0.05),
+    ("cnn", "loop", "sgd", 0.0, 0.0, 0.05),  # plain SGD: the dense layers update in their backward
     ("cnn", "loop", "adam", 0.0, 0.0, 1e-4),
 ]
 
