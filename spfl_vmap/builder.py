@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 from .config import RULES, Config, need
 from .data import Dataset
+from .distributed import ShardedTrainer, sharded_trainer
 from .engine.local import Trainer
 from .engine.loop import plain_trainer
 from .engine.simulator import RoundLoop
@@ -73,16 +74,37 @@ def build(cfg: Config, env: BuildEnv, extra_stages: Sequence[Stage] = ()) -> tup
     for audit in pipeline.audits:  # the inversion audit trains fresh uploads with the run's own trainer and stages
         if isinstance(audit, inference.InversionAudit):
             audit.attach(pipeline, lambda e: make_trainer(cfg, e, pipeline))
-    return make_trainer(cfg, env, pipeline), pipeline
+    trainer = make_trainer(cfg, env, pipeline)
+    shard_rounds(cfg, trainer, pipeline)
+    return trainer, pipeline
 
 
 def make_trainer(cfg: Config, env: BuildEnv, pipeline: Pipeline) -> Trainer:
     """DP-SGD at example level (with the accountant's possibly calibrated sigma), else the
-    vectorized trainer or the reference loop."""
+    vectorized trainer or the reference loop; under torchrun wrapped so that it trains this
+    rank's clients of each cohort (``spfl_vmap.distributed.ShardedTrainer``)."""
     if privacy.dp_mode(cfg) == "example":
         accounting = next(s for s in pipeline.guards if isinstance(s, privacy.PrivacyAccounting))
-        return DPSGDTrainer(env.model, env.spec, env.packed, cfg.replace(dp_sigma=accounting.sigma), env.device)
-    return plain_trainer(env.model, env.spec, env.packed, cfg, env.device)
+        trainer: Trainer = DPSGDTrainer(env.model, env.spec, env.packed, cfg.replace(dp_sigma=accounting.sigma), env.device)
+    else:
+        trainer = plain_trainer(env.model, env.spec, env.packed, cfg, env.device)
+    return sharded_trainer(trainer, env.packed)
+
+
+def shard_rounds(cfg: Config, trainer: Trainer, pipeline: Pipeline) -> None:
+    """Under torchrun: refuse the stages that read other ranks' raw samples, and let a sum
+    aggregation (mean, DP-FedAvg) reduce per-rank partial sums instead of gathering ``U`` when
+    no update stage or audit reads the whole ``U`` (``--dist_gather`` always gathers)."""
+    if not isinstance(trainer, ShardedTrainer):
+        return
+    need(cfg.soteria_rate is None, "--soteria_rate reads every cohort client's raw samples, which sharded processes do not "
+                                   "share; run it in one process (without torchrun)")
+    need(cfg.audit_inversion is None, "--audit_inversion reads the audited clients' raw samples, which sharded processes do "
+                                      "not share; run it in one process (without torchrun)")
+    agg = pipeline.aggregation
+    if not cfg.dist_gather and not pipeline.update_stages and not pipeline.audits and getattr(agg, "sums_rows", False):
+        trainer.reduce = True
+        agg.sharding = trainer.sharding
 
 
 class Simulator(RoundLoop):

@@ -46,7 +46,7 @@ MODEL_ALIASES = {"convnet_test": "convnet"}
 # shown or written, never the rounds already trained. Every other field must match the checkpoint.
 RESUMABLE_CHANGES = frozenset({
     "comm_round", "frequency_of_the_test", "eval_batch_size", "progress", "out", "name", "checkpoint_every",
-    "max_rejected_rounds", "data_dir", "download", "dp_epsilon_json",
+    "max_rejected_rounds", "data_dir", "download", "dp_epsilon_json", "dist_backend", "dist_timeout",
 })
 
 
@@ -127,6 +127,10 @@ class Config:
     compile: str = field(default="trace", metadata={"help": "per-step graphs of the vmap engine: trace (make_fx, traced once per shape bucket and replayed) | inductor (torch.compile per bucket) | off (eager)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     seed: int = field(default=0, metadata={"help": "seed of everything random in the run"})
+    # torch.distributed (read only under torchrun; see spfl_vmap.distributed)
+    dist_backend: str = field(default="auto", metadata={"help": "under torchrun: the torch.distributed backend, auto (nccl on CUDA, gloo on the CPU) | gloo | nccl"})
+    dist_timeout: float = field(default=600.0, metadata={"help": "under torchrun: seconds a collective waits for the other processes before the job fails"})
+    dist_gather: bool = field(default=False, metadata={"help": "under torchrun: gather every update row on every process for mean and DP-FedAvg too (bit-identical to one process; default: all_reduce of per-process sums, equal to float rounding)"})
     # evaluation and outputs
     frequency_of_the_test: int = field(default=5, metadata={"help": "evaluate every K rounds (and at the last)"})
     eval_batch_size: int = field(default=2000, metadata={"help": "batch size of the global test evaluation"})

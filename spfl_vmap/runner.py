@@ -20,10 +20,11 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
-from . import __version__
+from . import __version__, distributed
 from .builder import Simulator
 from .config import RESUMABLE_CHANGES, Config, resume_mismatches
 from .data import Dataset
@@ -88,10 +89,12 @@ def prepare_run_dir(out: Path, resume: bool) -> Path | None:
 
 class RunLock:
     """An exclusive ``flock`` on ``<run dir>/.lock`` for the whole run: a second process that
-    writes to the same directory gets a one-line error instead of interleaving its rounds."""
+    writes to the same directory gets a one-line error instead of interleaving its rounds.
+    ``holder`` names the locking command in the error (``spfl sweep`` locks its sweep directory)."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, holder: str = "spfl run") -> None:
         self.path = out / ".lock"
+        self.holder = holder
         self.fh: Any = None
 
     def __enter__(self) -> "RunLock":
@@ -108,7 +111,7 @@ class RunLock:
             raise SpflError(f"run directory {self.path.parent} is in use by {holder}; wait for it or choose another --out") from None
         self.fh.seek(0)
         self.fh.truncate()
-        self.fh.write(f"spfl run pid {os.getpid()}\n")
+        self.fh.write(f"{self.holder} pid {os.getpid()}\n")
         self.fh.flush()
         return self
 
@@ -238,9 +241,28 @@ def run(
     ``stages`` are extra pipeline stages (see :class:`spfl_vmap.Simulator`).
     """
     log = log or (lambda s: None)
+    with open_run_dir(cfg, resume_dir) as (out, checkpoint):
+        hist = _run(cfg, data, out, checkpoint, on_round, log, stages)
+        distributed.barrier()  # under torchrun every rank returns once rank 0 has written the run's files
+        return hist
+
+
+@contextmanager
+def open_run_dir(cfg: Config, resume_dir: str | Path | None = None) -> Iterator[tuple[Path | None, dict[str, Any] | None]]:
+    """Check, create and lock the run directory before any data is loaded.
+
+    Yields ``(out, checkpoint)``: the directory (``None`` when ``cfg.out`` is unset and there is no
+    ``resume_dir``) and, with ``resume_dir``, the checked checkpoint to resume from. A fresh run
+    refuses a directory that holds another run; a run that fails before writing anything leaves
+    no directory behind. The lock is held until the ``with`` block ends.
+    """
     out = Path(resume_dir) if resume_dir is not None else (Path(cfg.out) if cfg.out else None)
     if out is None:
-        return _run(cfg, data, None, None, on_round, log, stages)
+        yield None, None
+        return
+    if not distributed.is_main():  # torchrun's ranks > 0 write nothing; they resume from rank 0's checkpoint (shared filesystem)
+        yield None, (check_resume(out, cfg) if resume_dir is not None else None)
+        return
     created = prepare_run_dir(out, resume=resume_dir is not None)
     with RunLock(out):
         checkpoint = None
@@ -250,7 +272,7 @@ def run(
             which = CHECKPOINT if (out / CHECKPOINT).exists() else "metrics.jsonl"
             raise SpflError(f"run directory {out} already holds {which} from another run; choose a new --out or use --resume {out}")
         try:
-            return _run(cfg, data, out, checkpoint, on_round, log, stages)
+            yield out, checkpoint
         except BaseException:
             if created is not None and not (out / "metrics.jsonl").exists() and not (out / CHECKPOINT).exists():
                 shutil.rmtree(created, ignore_errors=True)  # failed before writing anything: leave no stray directory
@@ -259,65 +281,97 @@ def run(
 
 def _run(cfg: Config, data: Dataset | None, out: Path | None, checkpoint: dict[str, Any] | None, on_round, log, stages) -> History:
     """The run itself; ``checkpoint`` is the state to resume from (already checked), or None."""
-    sim = Simulator(cfg, data, stages=stages)
-    log(format_partition(sim.partition_stats))
-    for line in describe_lines(sim.describe()):
-        log(line)
-    metrics = None
-    stage_logs: list[tuple[Stage, MetricsLog]] = []
-    if out is not None:
-        metrics = MetricsLog(out / "metrics.jsonl")
-        stage_logs = [(s, MetricsLog(out / s.log_file)) for s in sim.stages if s.log_file]
-        if checkpoint is not None:
-            sim.load_checkpoint(out, checkpoint)
-            sim.history.rows = metrics.truncate_after(sim.round)
-            for s, slog in stage_logs:
-                s.load_log(slog.truncate_after(sim.round))
-            log(f"resuming {out} after round {sim.round}")
-        write_json_atomic(out / "config.json", {"config": cfg.to_dict(), "version": package_version(), **sim.describe()})
-    bar = None
-    if cfg.progress and sys.stderr.isatty() or os.environ.get("SPFL_PROGRESS") == "1":
-        from tqdm import tqdm
+    rec = RunRecorder(Simulator(cfg, data, stages=stages), out, checkpoint, on_round, log)
+    while not rec.sim.done:
+        if not rec.record(rec.sim.step()):
+            break
+    return rec.close()
 
-        bar = tqdm(total=cfg.comm_round, initial=sim.round, desc="rounds", unit="rd", file=sys.stderr, leave=False)
-    while not sim.done:
-        m = sim.step()
+
+class RunRecorder:
+    """One run's outputs around its simulator: what :func:`run` writes before, after each round,
+    and at the end. ``spfl sweep``'s vectorized points drive several recorders in lockstep.
+
+    Args:
+        sim: The run's simulator (not yet stepped).
+        out: The run directory (locked by :func:`open_run_dir`), or None to write nothing.
+        checkpoint: The checked checkpoint to resume from, or None.
+        on_round: Called with each round's metrics.
+        log: Receives the run's console lines.
+    """
+
+    def __init__(self, sim: Simulator, out: Path | None, checkpoint: dict[str, Any] | None,
+                 on_round: Callable[[dict[str, Any]], None] | None, log: Callable[[str], None]) -> None:
+        self.sim, self.out, self.on_round, self.log = sim, out, on_round, log
+        cfg = sim.cfg
+        log(format_partition(sim.partition_stats))
+        for line in describe_lines(sim.describe()):
+            log(line)
+        self.metrics: MetricsLog | None = None
+        self.stage_logs: list[tuple[Stage, MetricsLog]] = []
+        if out is not None:
+            self.metrics = MetricsLog(out / "metrics.jsonl")
+            self.stage_logs = [(s, MetricsLog(out / s.log_file)) for s in sim.stages if s.log_file]
+            if checkpoint is not None:
+                sim.load_checkpoint(out, checkpoint)
+                sim.history.rows = self.metrics.truncate_after(sim.round)
+                for s, slog in self.stage_logs:
+                    s.load_log(slog.truncate_after(sim.round))
+                log(f"resuming {out} after round {sim.round}")
+            write_json_atomic(out / "config.json", {"config": cfg.to_dict(), "version": package_version(), **sim.describe()})
+        elif checkpoint is not None:  # a torchrun rank > 0 restores rank 0's checkpoint and writes nothing
+            sim.load_checkpoint(Path(cfg.out or "."), checkpoint)
+        self.bar = None
+        if distributed.is_main() and (cfg.progress and sys.stderr.isatty() or os.environ.get("SPFL_PROGRESS") == "1"):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=cfg.comm_round, initial=sim.round, desc="rounds", unit="rd", file=sys.stderr, leave=False)
+
+    def record(self, m: dict[str, Any]) -> bool:
+        """Log, write and checkpoint the round whose metrics are ``m``; False when a guard
+        stopped the run before that round trained (the run is over)."""
+        sim, cfg, log = self.sim, self.sim.cfg, self.log
         if "stopped" in m:  # a guard stopped the run before this round trained
             log(f"stopped before round {m['round']}: {sim.stopped}")
-            break
+            return False
         warn_divergence(sim, m, log)
-        if "test_acc" in m and metrics is not None:
-            metrics.append(m)
-            append_stage_logs(stage_logs)
-        if out is not None and cfg.checkpoint_every and (sim.round % cfg.checkpoint_every == 0 or sim.done):
-            sim.save_checkpoint(out)
-        if bar is not None:
-            bar.update(1)
+        if "test_acc" in m and self.metrics is not None:
+            self.metrics.append(m)
+            append_stage_logs(self.stage_logs)
+        if self.out is not None and cfg.checkpoint_every and (sim.round % cfg.checkpoint_every == 0 or sim.done):
+            sim.save_checkpoint(self.out)
+        if self.bar is not None:
+            self.bar.update(1)
             if "test_acc" in m:
-                bar.set_postfix(acc=f"{m['test_acc']:.4f}", loss=f"{m['train_loss']:.3f}")
-        if on_round is not None:
-            on_round(m)
+                self.bar.set_postfix(acc=f"{m['test_acc']:.4f}", loss=f"{m['train_loss']:.3f}")
+        if self.on_round is not None:
+            self.on_round(m)
         if sim.stopped is not None:
             log(f"stopped after round {m['round']}: {sim.stopped}")
-    if bar is not None:
-        bar.close()
-    if sim.stopped is not None and sim.round and (not sim.history.rows or sim.history.rows[-1]["round"] != sim.round):
-        ev = sim.evaluation()  # the model as it stands when the run stopped
-        row = {"round": sim.round, **ev, "train_loss": float("nan"), "wall_s": sim.elapsed, "clients_per_s": 0.0}
-        sim.history.rows.append(row)
-        if metrics is not None:
-            metrics.append(row)
-            append_stage_logs(stage_logs)
-    sim.history.summary = summarize(sim)
-    sim.history.model_state = {k: v.detach().cpu().clone() for k, v in sim.global_params.items()}
-    if out is not None:
-        write_json_atomic(out / "summary.json", sim.history.summary)
-        for s in sim.stages:
-            for name, obj in s.final_files().items():
-                write_json_atomic(out / name, obj)
-        if sim.history.rows:
-            plot_accuracy(sim.history.rows, out / "accuracy.png", f"{cfg.dataset} {cfg.model} {cfg.partition_method}")
-    return sim.history
+        return True
+
+    def close(self) -> History:
+        """Evaluate a stopped run's last model, then write the summary, stage files and plot."""
+        sim, cfg, out = self.sim, self.sim.cfg, self.out
+        if self.bar is not None:
+            self.bar.close()
+        if sim.stopped is not None and sim.round and (not sim.history.rows or sim.history.rows[-1]["round"] != sim.round):
+            ev = sim.evaluation()  # the model as it stands when the run stopped
+            row = {"round": sim.round, **ev, "train_loss": float("nan"), "wall_s": sim.elapsed, "clients_per_s": 0.0}
+            sim.history.rows.append(row)
+            if self.metrics is not None:
+                self.metrics.append(row)
+                append_stage_logs(self.stage_logs)
+        sim.history.summary = summarize(sim)
+        sim.history.model_state = {k: v.detach().cpu().clone() for k, v in sim.global_params.items()}
+        if out is not None:
+            write_json_atomic(out / "summary.json", sim.history.summary)
+            for s in sim.stages:
+                for name, obj in s.final_files().items():
+                    write_json_atomic(out / name, obj)
+            if sim.history.rows:
+                plot_accuracy(sim.history.rows, out / "accuracy.png", f"{cfg.dataset} {cfg.model} {cfg.partition_method}")
+        return sim.history
 
 
 def warn_divergence(sim: Simulator, m: dict[str, Any], log: Callable[[str], None]) -> None:
@@ -348,6 +402,12 @@ def describe_lines(d: dict[str, Any]) -> list[str]:
                      f"aggregator assumes f={b['f']} ({b['f_rule']})")
     if "root_samples" in d:
         lines.append(f"server root set: {d['root_samples']} class-stratified training samples, held out from every client")
+    if "ats" in d:
+        a = d["ats"]
+        pols = " | ".join(f"{p} ({ops})" for p, ops in zip(a["policies"], a["ops"]))
+        draw = ", each image draws one" if len(a["policies"]) > 1 else ""
+        where = a["list"] if a["source"] == "--ats_policy" else f"{a['source']}, {a['list']}"
+        lines.append(f"ats: {pols}{draw}; {where}" + (", ops applied with their probabilities" if a["use_prob"] else ""))
     lines += backdoor_lines(d)
     return lines
 

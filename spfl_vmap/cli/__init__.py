@@ -9,6 +9,7 @@
     spfl certify --run DIR ...    CRFL certified accuracy of a finished run
     spfl invert --attack ig ...   reconstruct clients' images from their uploads
     spfl ats-search ...           ATS policy search: ranked CSV of transformation policies
+    spfl sweep --grid lr=...      many configurations in one process (grid, random search, sweep file)
 
 Nothing in the library imports this package.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Sequence
 
-from .. import __version__
+from .. import __version__, distributed
 from ..errors import SpflError
 from .ats_search import cmd_ats_search
 from .certify import cmd_certify
@@ -30,6 +31,7 @@ from .experiments import cmd_backdoor_curve, cmd_bench, cmd_matrix, cmd_privacy_
 from .invert import cmd_invert
 from .privacy_epsilon import privacy_epsilon_main
 from .run import cmd_run
+from .sweep import cmd_sweep
 
 Command = Callable[[Sequence[str]], int]
 COMMANDS: dict[str, tuple[str, Command]] = {
@@ -42,6 +44,7 @@ COMMANDS: dict[str, tuple[str, Command]] = {
     "certify": ("CRFL: smooth a run's final model, certified accuracy vs backdoor radius (JSON + CSV)", cmd_certify),
     "invert": ("gradient inversion (DLG, iDLG, Inverting Gradients) of clients' uploads: PSNR, SSIM, labels (JSON + PNG)", cmd_invert),
     "ats-search": ("ATS policy search: S_pri and S_acc of random transformation policies, ranked CSV for --ats_policy_file", cmd_ats_search),
+    "sweep": ("grid / random search / sweep file over any run flags, in one process; lr-like points vectorized (CSV, Markdown, plots)", cmd_sweep),
 }
 
 
@@ -63,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = COMMANDS.get(argv[0])
     if cmd is None:
         print(f"spfl: error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    if distributed.launched() and argv[0] != "run":
+        print(f"spfl: error: under torchrun only `spfl run` shards its clients over the processes; run `spfl {argv[0]}` "
+              f"without torchrun", file=sys.stderr)
         return 2
     try:
         return cmd[1](argv[1:])

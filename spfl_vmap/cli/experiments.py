@@ -18,6 +18,7 @@ from ..config import COMPILE_MODES, STRATEGIES
 from ..errors import ConfigError, SpflError
 from ..experiments.backdoor_curve import backdoor_curve, curve_configs, title_of, write_curve as write_backdoor_curve
 from ..experiments.bench import bench_engine, bench_scale, format_rows, plot_scale
+from ..experiments.bench_dist import bench_processes
 from ..experiments.matrix import (
     BD,
     attack_names,
@@ -233,12 +234,17 @@ def cmd_bench_scale(argv: Sequence[str]) -> int:
     p.add_argument("--clients", type=_ints, default=[10, 100, 1000, 10000], help="comma-separated cohort sizes")
     p.add_argument("--loop_max", "--loop-max", type=int, default=1000, help="largest cohort the reference loop runs")
     p.add_argument("--out", default="bench/results/scale", help="directory for scale.json and scale.png")
+    p.add_argument("--nproc", type=_ints, default=None,
+                   help="comma-separated process counts, e.g. 1,2,4: whole rounds under torchrun with the clients sharded "
+                        "over P processes (OMP threads per process: --threads, default 1); per-round time and peak memory per rank")
     ns = p.parse_args(argv)
     _check_model(ns.model)
     if not ns.clients or min(ns.clients) < 1:
         raise ConfigError("--clients must list cohort sizes >= 1")
-    _setup_threads(ns.threads)
     device = "cuda" if ns.device == "auto" and torch.cuda.is_available() else ("cpu" if ns.device == "auto" else ns.device)
+    if ns.nproc is not None:
+        return bench_scale_processes(ns, device)
+    _setup_threads(ns.threads)
     print(f"spfl bench scale: {ns.model}, {ns.steps} steps x batch {ns.batch_size}, {device}, {torch.get_num_threads()} threads")
     rows = bench_scale(ns.model, ns.clients, ns.steps, ns.batch_size, device, ns.dataset, ns.loop_max, ns.repeats, log=lambda s: print(s, flush=True))
     out = Path(ns.out)
@@ -248,6 +254,23 @@ def cmd_bench_scale(argv: Sequence[str]) -> int:
     (out / "scale.json").write_text(json.dumps({"config": meta, "rows": rows}, indent=2))
     plot_scale(rows, out / "scale.png", f"{ns.model} on {device}: {ns.steps} local steps x batch {ns.batch_size}")
     print(f"wrote {out / 'scale.json'} and {out / 'scale.png'}")
+    return 0
+
+
+def bench_scale_processes(ns: argparse.Namespace, device: str) -> int:
+    """``spfl bench scale --nproc``: one torchrun job per process count and cohort size."""
+    if not ns.nproc or min(ns.nproc) < 1 or ns.repeats < 1:
+        raise ConfigError("--nproc must list process counts >= 1, and --repeats must be >= 1")
+    if ns.dataset != "synthetic":
+        raise ConfigError("--nproc runs on synthetic data (the homo workload of --clients x --steps x --batch_size)")
+    threads = ns.threads or 1
+    print(f"spfl bench scale: {ns.model}, {ns.steps} steps x batch {ns.batch_size}, {device}, processes {ns.nproc}, "
+          f"{threads} thread(s) each, median of {ns.repeats} rounds")
+    rows = bench_processes(ns.model, ns.clients, ns.nproc, ns.steps, ns.batch_size, device, ns.repeats, threads,
+                           log=lambda s: print(s, flush=True))
+    meta = {"model": ns.model, "steps": ns.steps, "batch_size": ns.batch_size, "device": device, "threads_per_process": threads,
+            "rounds_timed": ns.repeats, "torch": torch.__version__}
+    write_json_result(str(Path(ns.out) / "scale_nproc.json"), {"config": meta, "rows": rows})
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from dataclasses import fields
@@ -11,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .. import distributed
 from ..config import Config
 from ..errors import SpflError
 from ..runner import default_run_dir, load_run_config, run
@@ -18,6 +20,16 @@ from .common import OneLineParser, add_config_flags, config_from_args, print_tab
 
 
 def cmd_run(argv: Sequence[str]) -> int:
+    """``spfl run``. Under torchrun every process runs it: rank 0 alone prints and writes the run
+    directory, and a rank that fails ends the job with its error (``distributed.exit_on_error``)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(distributed.exit_on_error("spfl run"))
+        if not distributed.is_main():  # its errors still reach stderr
+            stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+        return run_command(argv)
+
+
+def run_command(argv: Sequence[str]) -> int:
     p = OneLineParser(prog="spfl run", description="Train one federated configuration.")
     p.add_argument("--config", help="YAML/JSON file of flag values (command-line flags override it)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a checkpointed run (its config is reused)")
@@ -42,7 +54,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     print(f"spfl run: {cfg.dataset} / {cfg.model} / {cfg.partition_method} / {cfg.client_num_per_round} of {cfg.client_num_in_total} clients x {cfg.comm_round} rounds -> {out}")
     for note in toolkit_notes(ns, cfg):
         print(note, flush=True)
-    wandb_run = start_wandb(ns, cfg, out)
+    wandb_run = start_wandb(ns, cfg, out) if distributed.is_main() else None
 
     def on_round(m: dict[str, Any]) -> None:
         if "test_acc" in m and not sys.stderr.isatty():
@@ -55,7 +67,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    if ns.save_path:
+    if ns.save_path and distributed.is_main():
         save_model(hist.model_state, ns.save_path)
     s = hist.summary
     print_table([

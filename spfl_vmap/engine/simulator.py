@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..config import Config
-from ..data import Dataset, load_dataset, pack_clients, partition, partition_stats, stratified_holdout
+from .. import distributed
+from ..data import Dataset, load_dataset, partition, partition_stats, stratified_holdout
 from ..errors import ConfigError, SpflError
 from ..stages import BuildEnv, Metrics, Pipeline, RoundContext, Stage
-from .local import Trainer
+from .local import LocalResult, Trainer
 from .optim import ServerOptimizer
 from .params import ParamSpec, Params, init_model
 
@@ -70,6 +71,15 @@ class History:
         return [r[key] for r in self.rows if key in r]
 
 
+@dataclass
+class RoundStart:
+    """A round after sampling and the guards, before local training (``RoundLoop.begin_round``)."""
+
+    ctx: RoundContext
+    metrics: dict[str, Any]  # the round's metrics so far (round, clients, the guards')
+    t0: float  # time.perf_counter() when the round began
+
+
 class RoundLoop:
     """The round loop over a trainer and a pipeline of stages.
 
@@ -84,7 +94,8 @@ class RoundLoop:
 
     def __init__(self, cfg: Config, data: Dataset | None = None, *, build: Builder) -> None:
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        # under torchrun: join the process group; CUDA ranks take cuda:LOCAL_RANK
+        self.device = distributed.setup(cfg.dist_backend, cfg.dist_timeout, resolve_device(cfg.device))
         ds = data if data is not None else load_dataset(
             cfg.dataset, cfg.data_dir, cfg.download, synthetic_train=cfg.synthetic_train, synthetic_test=cfg.synthetic_test
         )
@@ -97,7 +108,8 @@ class RoundLoop:
             parts = [pool[p] for p in parts]
         self.parts = parts
         self.partition_stats = partition_stats(parts, labels)
-        self.packed = pack_clients(ds.x_train, ds.y_train, parts, self.device)  # packed once
+        self.packed = distributed.pack_owned(ds.x_train, ds.y_train, parts, self.device)  # packed once; under torchrun this rank's clients
+        self.dataset = distributed.keep_owned(ds, self.packed)  # under torchrun: the full training images are freed
         self.counts = [len(p) for p in parts]
         self.x_test, self.y_test = ds.x_test.to(self.device), ds.y_test.to(self.device)
 
@@ -158,6 +170,7 @@ class RoundLoop:
             "partition": self.partition_stats,
             "stages": [s.name for s in self.stages],
             **self.pipeline.describe(),
+            **distributed.describe(self.trainer),
         }
 
     # ---- one round ------------------------------------------------------------------------
@@ -182,22 +195,42 @@ class RoundLoop:
 
     def step(self) -> dict[str, Any]:
         """Run one round; evaluate when due. Returns the round's metrics."""
+        start = self.begin_round()
+        if start is None:  # a guard stopped the run before this round trained
+            return {"round": self.round + 1, "stopped": self.stopped}
+        # 3.-5. broadcast, local training (batch transforms inside), updates U (N, D)
+        local = self.trainer.train(start.ctx, self.pipeline.batch_transforms)
+        return self.finish_round(start, local)
+
+    def begin_round(self) -> RoundStart | None:
+        """Steps 1-2 of the next round and the guards' checks before it.
+
+        Returns:
+            The round's start (context, the guards' metrics, start time), or ``None`` when a
+            guard stopped the run (``self.stopped`` says why).
+        """
         if self.done:
             raise SpflError(f"the run has finished all {self.cfg.comm_round} rounds")
-        cfg, p = self.cfg, self.pipeline
         r = self.round + 1
         t0 = time.perf_counter()
         # 1. sample clients (and mark the malicious ones); 2. their data is gathered per step
         ctx = self.context(r)
         metrics: dict[str, Any] = {"round": r, "clients": ctx.num_clients}
-        for g in p.guards:  # e.g. the privacy budget: stop before a round that would overspend
+        for g in self.pipeline.guards:  # e.g. the privacy budget: stop before a round that would overspend
             reason, m = g.before_round(ctx)
             if reason is not None:
                 self.stopped = reason
-                return {"round": r, "stopped": reason}
+                return None
             metrics.update(m)
-        # 3.-5. broadcast, local training (batch transforms inside), updates U (N, D)
-        local = self.trainer.train(ctx, p.batch_transforms)
+        return RoundStart(ctx, metrics, t0)
+
+    def finish_round(self, start: RoundStart, local: LocalResult) -> dict[str, Any]:
+        """Steps 6-10 of the round that ``start`` began, from its local training ``local``
+        (``U (N, D)``). :meth:`step` is ``begin_round``, the trainer, then this; a vectorized
+        sweep trains several runs' cohorts in one call and finishes each run here."""
+        cfg, p = self.cfg, self.pipeline
+        ctx, metrics, t0 = start.ctx, start.metrics, start.t0
+        r = ctx.round
         U = local.U
         # 6.-7. update stages: attacks, then client-side defenses
         for s in p.update_stages:

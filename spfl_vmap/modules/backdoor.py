@@ -67,6 +67,7 @@ from ..attacks.backdoor import (
 )
 from ..config import NORMALIZERS, SECTIONS, Config, need
 from ..data import dataset_meta
+from ..distributed import extremes
 from ..errors import ConfigError, SpflError
 from ..stages import BatchTransform, BuildEnv, EvalHook, Metrics, Params, RoundContext, ServerStage, Stage, UpdateStage
 from .byzantine import MAX_LISTED, MaliciousClients, num_byzantine
@@ -313,7 +314,7 @@ class BackdoorPoison(BatchTransform):
         self.cfg = cfg
         self.device = env.device
         self.mask = global_trigger(cfg).to(env.device)  # (H, W)
-        self.value = trigger_value(env.packed.x)  # (C,)
+        self.value = trigger_value(extremes(env.packed.x))  # (C,) of the whole training set, also under torchrun
         self.parts = dba_parts(self.mask, DBA_PARTS) if cfg.bd_attack == "dba" else None  # (4, H, W)
         self.fixed = cfg.by_mode == "fixed"
         rank = torch.cumsum(adversary.malicious_ids.long(), 0) - 1  # (K,) rank among the malicious ids

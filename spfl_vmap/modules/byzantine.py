@@ -24,19 +24,22 @@ Stages (see ``spfl_vmap.stages``):
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
-from ..aggregators import AGGREGATORS, aggregate, check_clients, required_clients
+from ..aggregators import AGGREGATORS, aggregate, check_clients, normalise_weights, required_clients
 from ..attacks import ATTACKS, attack, attackers_quantile, data_poison
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
 from ..data import dataset_meta, pack_clients
+from ..distributed import Sharding
 from ..engine.loop import plain_trainer
 from ..errors import ConfigError, SpflError
 from ..rng import derive_seed, generator
 from ..stages import Adversary, Aggregation, BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
+from spfl_kernels import clip_scale_noise_reduce
 
 MAX_LISTED = 100  # index lists longer than this are logged as counts only
 
@@ -210,9 +213,18 @@ class RobustAggregation(Aggregation):
 
     Holds the aggregator's state across rounds (centered clipping's momentum, FoolsGold's
     per-client histories), checkpointed.
+
+    Under torchrun the mean (FedAvg) reduces per-rank partial sums (:meth:`sharded_mean`) when the
+    builder sets :attr:`sharding`; every other rule gets all of ``U``, gathered.
     """
 
     name = "aggregator"
+    sharding: Optional[Sharding] = None  # set by the builder: ``apply`` then gets this rank's rows only
+
+    @property
+    def sums_rows(self) -> bool:
+        """The rule is a weighted sum of rows, which ranks can reduce without gathering ``U``."""
+        return self.rule == "mean"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -223,6 +235,8 @@ class RobustAggregation(Aggregation):
         self.state: dict[str, Any] = {}
 
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        if self.sharding is not None:
+            return self.sharded_mean(ctx, U)
         if U.shape[0] == 0:
             return torch.zeros(U.shape[1], device=U.device), {"round_rejected": True}
         for k, v in self.state.items():  # a resumed state comes from a CPU checkpoint
@@ -258,6 +272,41 @@ class RobustAggregation(Aggregation):
     def extra_kwargs(self, ctx: RoundContext) -> dict[str, Any]:
         """Engine keywords a subclass computes per round (FLTrust's ``server_update``)."""
         return {}
+
+    def sharded_mean(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """FedAvg's weighted mean from this rank's rows ``U (n_r, D)`` of the cohort.
+
+        As :func:`~spfl_vmap.aggregators.aggregate` with ``mean`` on all of ``U``: rows with a
+        non-finite squared norm are excluded (their flags are gathered, ``(N,)`` bytes), the
+        weights are normalised over the cohort's kept rows, each rank sums its own weighted rows
+        and one ``all_reduce`` adds the ``(D,)`` partial sums. Equal to the one-process mean up
+        to the order of the additions.
+        """
+        sh, N, D = self.sharding, ctx.num_clients, ctx.spec.dim
+        rejected = torch.zeros(D, dtype=U.dtype, device=U.device)
+        if N == 0:
+            return rejected, {"round_rejected": True}
+        rows = sh.rows(ctx.client_ids)
+        X = U.float()
+        mine_finite = torch.isfinite(torch.einsum("nd,nd->n", X, X))  # (n_r,)
+        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool()  # (N,)
+        kept = finite.nonzero().squeeze(1)  # (n_kept,)
+        excluded = N - kept.numel()
+        out: Metrics = {"nonfinite_excluded": excluded} if excluded else {}
+        if kept.numel() == 0:
+            return rejected, {**out, "round_rejected": True}
+        w = torch.zeros(N, device=U.device)
+        w[kept] = normalise_weights(ctx.weights[kept], kept.numel(), U.device)  # (N,) 0 on excluded rows
+        mine = torch.tensor(rows[sh.rank], dtype=torch.long, device=U.device)
+        partial = torch.zeros(D, device=U.device)
+        if bool(mine_finite.any()):
+            all_finite = bool(mine_finite.all())  # then no (n_r, D) copy
+            Uk, wk = (U, w[mine]) if all_finite else (U[mine_finite], w[mine][mine_finite])
+            partial, _ = clip_scale_noise_reduce(Uk, math.inf, wk, 0.0, 0)  # (D,)
+        agg = sh.sum(partial).to(U.dtype)
+        if not bool(torch.isfinite(agg).all()):
+            return rejected, {**out, "round_rejected": True}
+        return agg, out
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}}

@@ -158,13 +158,27 @@ class DPSGDTrainer:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """DP-SGD of the cohort rows ``rows (n,)``, sorted by step count (most first): step ``t``
         runs the prefix of clients still training (no masked steps), in place on prefix views."""
-        client_ids, global_params = [ctx.client_ids[int(r)] for r in rows], ctx.global_params
+        client_ids = [ctx.client_ids[int(r)] for r in rows]
         n, D, dev = len(client_ids), self.spec.dim, self.device
         ids = torch.tensor(client_ids, device=dev)
         cohort_rows = rows.to(dev)
         index_rows = self.packed.index[ids]  # (n, n_max)
-        params = {k: v.expand(n, *v.shape).clone() for k, v in global_params.items()}  # broadcast
-        state = self.opt.init(params)
+        if ctx.row_params is not None:  # a vectorized sweep: each row's own starting model
+            start = {k: v[cohort_rows].clone() for k, v in ctx.row_params.items()}
+        else:
+            start = {k: v.expand(n, *v.shape).clone() for k, v in ctx.global_params.items()}  # broadcast
+        params = {k: v.clone() for k, v in start.items()}
+        hyp = {k: v[cohort_rows] for k, v in (ctx.row_hypers or {}).items()}  # {name: (n,)} float64
+        opt_h = {k: hyp[k] for k in ("lr", "momentum", "wd") if k in hyp}
+        clip, sigma = hyp.get("grad_norm", self.clip), hyp.get("dp_sigma", self.sigma)
+        noise_scale = sigma * clip  # float, or (n,) float64 per row as the floats' product
+        if isinstance(clip, torch.Tensor):
+            clip = clip.float()[:, None]  # (n, 1) against the (n, L) norms
+        if isinstance(noise_scale, torch.Tensor):
+            noise_scale = noise_scale.float()[:, None]  # (n, 1)
+        noisy_rows = bool((sigma > 0).any()) if isinstance(sigma, torch.Tensor) else sigma > 0
+        mom = opt_h.get("momentum", self.cfg.momentum)
+        state = make_client_optimizer(self.cfg.client_optimizer, self.cfg.lr, mom, self.cfg.wd).init(params)
         # host-side decisions: how many clients train at each step, how many columns each step
         # needs (no device sync)
         steps = [int(k) for k in b.active.sum(1)]  # (n,) descending
@@ -172,7 +186,7 @@ class DPSGDTrainer:
         width_cpu = (b.mask * torch.arange(1, b.max_batch + 1)).amax(2)  # (n, T) last included + 1
         pos, mask = b.pos.to(dev), b.mask.to(dev)
         divisor = None if b.divisor is None else b.divisor.to(dev)[:, None]  # (n, 1)
-        gens = [noise_generator(ctx.seed, ctx.round, c, dev) for c in client_ids] if self.sigma > 0 else []
+        gens = [noise_generator(ctx.seed, ctx.round, c, dev) for c in client_ids] if noisy_rows else []
         loss_sum = torch.zeros(n, device=dev)
         loss_steps = torch.zeros(n, device=dev)
         for t in range(steps[0] if n else 0):
@@ -182,16 +196,17 @@ class DPSGDTrainer:
             m = mask[:a, t, :L_t].to(x.dtype)  # (a, L)
             p_t = {k: v[:a] for k, v in params.items()}
             grads, sample_losses = self.per_sample_grads(p_t, x, y)  # {k: (a, L, *s)}, (a, L)
-            summed, _ = clip_and_sum(grads, m, self.clip)  # {k: (a, *s)}
-            if self.sigma > 0:  # per-client generators, drawn outside vmap, one draw per step taken
+            summed, _ = clip_and_sum(grads, m, clip if not isinstance(clip, torch.Tensor) else clip[:a])  # {k: (a, *s)}
+            if noisy_rows:  # per-client generators, drawn outside vmap, one draw per step taken
                 noise = torch.stack([draw_noise(gens[i], D, dev) for i in range(a)])  # (a, D)
-                noisy = self.spec.flatten(summed, stacked=True) + (self.sigma * self.clip) * noise
+                scale = noise_scale if not isinstance(noise_scale, torch.Tensor) else noise_scale[:a]
+                noisy = self.spec.flatten(summed, stacked=True) + scale * noise
                 summed = self.spec.unflatten(noisy)
             div = divisor[:a] if divisor is not None else m.sum(1, keepdim=True).clamp(min=1.0)  # (a, 1)
             grads_t = {k: g / div.reshape(a, *([1] * (g.dim() - 1))) for k, g in summed.items()}
-            self.opt.step_(p_t, grads_t, {k: v[:a] for k, v in state.items()})
+            self.opt.step_(p_t, grads_t, {k: v[:a] for k, v in state.items()}, {k: v[:a] for k, v in opt_h.items()} or None)
             nonempty = (sizes_cpu[:a, t] > 0).to(dev, loss_sum.dtype)  # (a,)
             loss_sum[:a] += (sample_losses * m).sum(1) / m.sum(1).clamp(min=1.0) * nonempty
             loss_steps[:a] += nonempty
-        U = self.spec.flatten(params, stacked=True) - self.spec.flatten(global_params)[None]
+        U = self.spec.flatten(params, stacked=True) - self.spec.flatten(start, stacked=True)
         return U, loss_sum / loss_steps.clamp(min=1.0)

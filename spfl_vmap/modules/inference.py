@@ -47,6 +47,7 @@ from ..data import PackedClients
 from ..data.loaders import PIXEL_NORMALIZATION
 from ..defenses.ats import POLICY_LISTS, Policy, apply_policy, describe_policy, num_draws, parse_policies, parse_policy, policy_name
 from ..defenses.ats_search import read_policy_csv
+from ..distributed import extremes
 from ..defenses.pruning import prune_per_layer
 from ..defenses.soteria import prune_columns, representation_model, representation_ratios, soteria_keep
 from ..errors import ConfigError
@@ -218,7 +219,8 @@ def pixel_normalization(cfg: Config, env: BuildEnv) -> tuple[torch.Tensor, torch
     without them (``digits``, ``synthetic``) the training data's per-channel range ``[lo, hi]``
     is mapped onto ``[0, 1]`` (exact for digits, whose levels 0 and 16 both occur).
     """
-    mean, std = pixel_stats(cfg.dataset, None if cfg.dataset in PIXEL_NORMALIZATION else env.packed.x)
+    # extremes: under torchrun the whole training set's per-channel range, not this rank's
+    mean, std = pixel_stats(cfg.dataset, None if cfg.dataset in PIXEL_NORMALIZATION else extremes(env.packed.x))
     return mean.to(env.device), std.to(env.device)
 
 

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import SECTIONS, Config, need
+from ..distributed import Sharding
 from ..errors import ConfigError
 from ..privacy import (
     ClientAccountants,
@@ -234,9 +235,14 @@ class DPFedAvg(Aggregation):
     the server also releases the unclipped count noised with ``sigma_b = qK / 20``; the updates
     are then noised at ``z_D = (z^-2 - (2 sigma_b)^-2)^(-1/2)`` so that both releases together
     cost what the accountant charges for ``z``. Without it ``z_D = z``.
+
+    Under torchrun, with :attr:`sharding` set by the builder, ``apply`` gets this rank's rows and
+    reduces per-rank clipped sums (:meth:`sharded_apply`); the noise is added once, after.
     """
 
     name = "dp_fedavg"
+    sums_rows = True  # a clipped sum: ranks reduce partial sums instead of gathering U
+    sharding: Optional[Sharding] = None
 
     def __init__(self, cfg: Config, accounting: PrivacyAccounting) -> None:
         self.cfg, self.accounting = cfg, accounting
@@ -254,6 +260,8 @@ class DPFedAvg(Aggregation):
         return adaptive_clip_noise_multiplier(z, self.count_noise_std)
 
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        if self.sharding is not None:
+            return self.sharded_apply(ctx, U)
         finite = torch.isfinite(U).all(dim=1)  # (N,) a NaN/Inf row would poison the clipped sum
         excluded = int((~finite).sum())
         if excluded:
@@ -267,6 +275,43 @@ class DPFedAvg(Aggregation):
         weights = torch.full((N,), 1.0 / self.expected, device=U.device)
         agg, norms = clip_scale_noise_reduce(U, self.clip, weights, noise_std, seed)
         m: Metrics = {"dp_cohort": N, "dp_clip": self.clip, "dp_clipped_frac": float((norms > self.clip).float().mean())}
+        if excluded:
+            m["nonfinite_excluded"] = excluded
+        if self.count_noise_std is not None:
+            self._adapt_clip(ctx, norms)
+        return agg, m
+
+    def sharded_apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """:meth:`apply` from this rank's rows ``U (n_r, D)`` of the cohort.
+
+        Each rank clips and sums its own finite rows (the fused kernel with no noise), one
+        ``all_reduce`` adds the ``(D,)`` partial sums, and the noise ``z_D S / (q K) N(0, I)``,
+        seeded by ``(seed, "dp-fedavg", round)``, is added once to the total: the kernel called on
+        a single zero row draws exactly the noise term of the one-process call. The row norms
+        (``(N,)``, for the metrics and adaptive clipping) and the finite flags are gathered.
+        Equal to the one-process release up to the order of the additions.
+        """
+        sh, N, D = self.sharding, ctx.num_clients, ctx.spec.dim
+        rows = sh.rows(ctx.client_ids)
+        mine_finite = torch.isfinite(U).all(dim=1)  # (n_r,)
+        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool() if N else mine_finite  # (N,)
+        n_kept = int(finite.sum())
+        excluded = N - n_kept
+        noise_std = self.update_noise_multiplier * self.clip / self.expected
+        seed = ctx.seed_for("dp-fedavg")
+        if n_kept == 0:  # nobody sampled: the release is noise alone
+            g = generator(seed, device=U.device)
+            return noise_std * torch.randn(D, generator=g, device=U.device), {"dp_cohort": 0, "nonfinite_excluded": excluded}
+        Uk = U if bool(mine_finite.all()) else U[mine_finite]  # (n_kept_r, D), no copy when all are finite
+        partial = torch.zeros(D, device=U.device)
+        mine_norms = torch.full((U.shape[0],), math.nan, device=U.device)  # (n_r,)
+        if Uk.shape[0]:
+            weights = torch.full((Uk.shape[0],), 1.0 / self.expected, device=U.device)
+            partial, mine_norms[mine_finite] = clip_scale_noise_reduce(Uk, self.clip, weights, 0.0, seed)
+        noise, _ = clip_scale_noise_reduce(torch.zeros(1, D, device=U.device), math.inf, torch.zeros(1, device=U.device), noise_std, seed)
+        agg = sh.sum(partial) + noise  # (D,)
+        norms = sh.gather_rows(mine_norms, rows)[finite]  # (n_kept,) in cohort order
+        m: Metrics = {"dp_cohort": n_kept, "dp_clip": self.clip, "dp_clipped_frac": float((norms > self.clip).float().mean())}
         if excluded:
             m["nonfinite_excluded"] = excluded
         if self.count_noise_std is not None:
