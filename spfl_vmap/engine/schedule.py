@@ -48,14 +48,21 @@ def make_schedule(
     T = max(1, int(steps.max()) if n_clients else 1)
     pos = torch.zeros(n_clients, T * B, dtype=torch.long)
     mask = torch.zeros(n_clients, T * B, dtype=torch.bool)
-    for i, (cid, n_k, s_k) in enumerate(zip(client_ids, counts, per_epoch)):
-        slots = s_k * B  # one epoch's slots, the last batch possibly partial
+    orders = []  # each (client, epoch)'s sample order, client-major
+    for cid, n_k in zip(client_ids, counts):
         if shuffle:
             g = generator(seed, "batches", round_idx, cid)
-            order = [torch.randperm(n_k, generator=g) for _ in range(epochs)]
+            orders += [torch.randperm(n_k, generator=g) for _ in range(epochs)]
         else:
-            order = [torch.arange(n_k)] * epochs
-        for e in range(epochs):
-            pos[i, e * slots : e * slots + n_k] = order[e]
-            mask[i, e * slots : e * slots + n_k] = True
+            orders += [torch.arange(n_k)] * epochs
+    if orders:
+        # segment (i, e) fills columns e * s_k * B + [0, n_k) of row i: one scatter, not N * E copies
+        n = torch.tensor(counts, dtype=torch.long).repeat_interleave(epochs)  # (N * E,) segment lengths
+        base = (torch.arange(epochs).repeat(n_clients) * torch.tensor(per_epoch).repeat_interleave(epochs) * B)  # (N * E,)
+        seg = torch.repeat_interleave(torch.arange(len(n)), n)  # (M,) segment of each entry
+        start = torch.cumsum(n, 0) - n  # (N * E,) first entry of each segment
+        cols = base[seg] + torch.arange(len(seg)) - start[seg]
+        rows = seg // epochs
+        pos[rows, cols] = torch.cat(orders)
+        mask[rows, cols] = True
     return Schedule(pos.reshape(n_clients, T, B), mask.reshape(n_clients, T, B), steps)

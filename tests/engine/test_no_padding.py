@@ -14,6 +14,8 @@ from helpers import rel_err, small_config
 from spfl_vmap import Simulator
 from spfl_vmap.engine.graphs import StepGraphs, bucket
 from spfl_vmap.engine.local import VmapTrainer, fuse_dense_sgd, round_schedule
+from spfl_vmap.engine.schedule import make_schedule
+from spfl_vmap.rng import generator
 
 RTOL = 1e-5
 
@@ -155,3 +157,23 @@ def test_fused_dense_sgd_equals_autograd_then_sgd():
         assert a.grad is None, k
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), k
     assert not torch.equal(fused[0].weight, net[0].weight)  # it trained (the source model did not)
+
+
+@pytest.mark.parametrize("counts,B,epochs", [([5, 17, 0, 33, 10], 7, 3), ([1], 10, 1), ([20, 20], 10, 2), ([0, 0], 4, 2)])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_schedule_equals_per_client_construction(counts, B, epochs, shuffle):
+    """Each client's epochs back to back in its row, from its own generator, as written out one
+    client and one epoch at a time (the schedule builds them with one scatter)."""
+    ids = [3 * i + 1 for i in range(len(counts))]
+    per = [-(-c // B) for c in counts]
+    T = max(1, max(epochs * s for s in per))
+    pos = torch.zeros(len(counts), T * B, dtype=torch.long)
+    mask = torch.zeros(len(counts), T * B, dtype=torch.bool)
+    for i, (cid, n, s) in enumerate(zip(ids, counts, per)):
+        g = generator(5, "batches", 2, cid)
+        for e in range(epochs):
+            pos[i, e * s * B : e * s * B + n] = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+            mask[i, e * s * B : e * s * B + n] = True
+    got = make_schedule(ids, counts, B, epochs, 5, 2, shuffle=shuffle)
+    assert torch.equal(got.pos, pos.view(len(counts), T, B)) and torch.equal(got.mask, mask.view(len(counts), T, B))
+    assert got.steps.tolist() == [epochs * s for s in per]
