@@ -30,6 +30,9 @@ FULL: dict[str, tuple[str, int, int, int, tuple[int, int, int], int]] = {
     "lr_1000": ("lr", 1000, 5, 10, (1, 28, 28), 3),
     "cnn_1000": ("cnn", 1000, 5, 10, (1, 28, 28), 2),
 }
+# name: (model, clients in total, clients per round, repeats); Dirichlet(0.5) partitions
+DIRICHLET = {"lr_dirichlet_1000_100": ("lr", 1000, 100, 5), "cnn_dirichlet_1000_100": ("cnn", 1000, 100, 3)}
+DIRICHLET_SMOKE = {"lr_dirichlet_1000_100": ("lr", 20, 5, 1)}
 SMOKE: dict[str, tuple[str, int, int, int, tuple[int, int, int], int]] = {
     "pfl_cifar10_cnn": ("cnn_cifar", 3, 1, 4, (3, 12, 12), 1),
     "lr_1000": ("lr", 10, 2, 4, (1, 28, 28), 1),
@@ -65,6 +68,19 @@ def gpu_engine_results(sizes: str = "full", device: str | None = None) -> dict[s
                 r.pop("s_all", None)
             out["workloads"][name] = res
         except Exception as e:  # one OOM must not hide the other results
+            out["workloads"][name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    # Unequal clients (Dirichlet(0.5), synthetic data) with --compile off and trace side by side:
+    # the workload users run, and the figure that picks --compile's default on CUDA.
+    for name, (model, total, per_round, reps) in (DIRICHLET if sizes == "full" else DIRICHLET_SMOKE).items():
+        try:
+            res = bench_engine(model, total, per_round, 5, 10, dev, "synthetic", (1, 28, 28), ("vmap",), reps,
+                               partition="hetero", alpha=0.5, compiles=("off", "trace"))
+            for r in res["rows"]:
+                r.pop("s_all", None)
+            out["workloads"][name] = res
+        except Exception as e:
             out["workloads"][name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
         if dev == "cuda":
             torch.cuda.empty_cache()

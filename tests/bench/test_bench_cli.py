@@ -75,7 +75,8 @@ def test_gpu_engine_results_smoke_path():
     finally:
         sys.path.remove(str(ROOT / "bench"))
     res = engine_bench.gpu_engine_results(sizes="smoke", device="cpu")
-    assert set(res["workloads"]) == {"pfl_cifar10_cnn", "lr_1000", "cnn_1000"}
+    assert set(res["workloads"]) == {"pfl_cifar10_cnn", "lr_1000", "cnn_1000", "lr_dirichlet_1000_100"}
+    assert {r["engine"] for r in res["workloads"]["lr_dirichlet_1000_100"]["rows"]} == {"vectorized vmap off", "vectorized vmap trace", REF}
     for name, w in res["workloads"].items():
         assert "error" not in w, w
         assert any(r["engine"] == REF for r in w["rows"])
