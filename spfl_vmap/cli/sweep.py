@@ -48,7 +48,7 @@ def cmd_sweep(argv: Sequence[str]) -> int:
                    help="YAML/JSON with base, grid and/or random sections (the command line adds to and overrides it)")
     g.add_argument("--resume", metavar="SWEEP_DIR", help="continue the sweep in this directory (its sweep.json)")
     g.add_argument("--vectorize", choices=("auto", "off"), default="auto",
-                   help="auto: points differing only in --lr/--momentum/--wd/--server_lr train together; off: one by one")
+                   help="auto: points differing only in continuous hyperparameters (client/server lr, momentum, wd, DP sigma and clip, attack/aggregator params) train together; off: one by one")
     p.add_argument("--config", help="YAML/JSON file of base flag values (command-line flags override it)")
     add_config_flags(p)
     ns = p.parse_args(argv)
