@@ -93,8 +93,9 @@ def make_trainer(cfg: Config, env: BuildEnv, pipeline: Pipeline) -> Trainer:
 
 def shard_rounds(cfg: Config, trainer: Trainer, pipeline: Pipeline) -> None:
     """Under torchrun: refuse the stages that read other ranks' raw samples, and let a sum
-    aggregation (mean, DP-FedAvg) reduce per-rank partial sums instead of gathering ``U`` when
-    no update stage or audit reads the whole ``U`` (``--dist_gather`` always gathers)."""
+    aggregation that works on per-rank rows (mean and DP-FedAvg: partial sums; Krum and
+    Multi-Krum: distance blocks) do so instead of gathering ``U`` when no update stage
+    (``reads_rows``) or audit reads the whole ``U`` (``--dist_gather`` always gathers)."""
     if not isinstance(trainer, ShardedTrainer):
         return
     need(cfg.soteria_rate is None, "--soteria_rate reads every cohort client's raw samples, which sharded processes do not "
@@ -102,7 +103,8 @@ def shard_rounds(cfg: Config, trainer: Trainer, pipeline: Pipeline) -> None:
     need(cfg.audit_inversion is None, "--audit_inversion reads the audited clients' raw samples, which sharded processes do "
                                       "not share; run it in one process (without torchrun)")
     agg = pipeline.aggregation
-    if not cfg.dist_gather and not pipeline.update_stages and not pipeline.audits and getattr(agg, "sums_rows", False):
+    reads_U = any(getattr(s, "reads_rows", True) for s in pipeline.update_stages)
+    if not cfg.dist_gather and not reads_U and not pipeline.audits and getattr(agg, "sums_rows", False):
         trainer.reduce = True
         agg.sharding = trainer.sharding
 

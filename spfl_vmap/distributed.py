@@ -225,6 +225,34 @@ class Sharding:
             parts[r] = buf  # release rank r's block
         return out
 
+    def sqdist(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+        """The cohort's ``(N, N)`` squared distances from each rank's rows ``local (n_r, D)``,
+        without any rank holding all of ``U``.
+
+        Each rank broadcasts its (padded) rows in turn; every rank computes its row block against
+        them, ``|a|^2 + |b|^2 - 2ab`` clamped at 0 as :func:`spfl_kernels.pairwise_sqdist`, so it
+        holds its own rows and one other shard at a time. The ``(n_r, N)`` blocks are then
+        gathered (``N x N`` floats); the diagonal is exactly 0.
+        """
+        X = local.float()
+        sq = (X * X).sum(1)  # (n_r,)
+        N = sum(len(r) for r in rows)
+        n_max = max(len(r) for r in rows)
+        block = X.new_zeros((X.shape[0], N))  # (n_r, N)
+        for src, pos in enumerate(rows):
+            buf = X.new_zeros((n_max, X.shape[1]))
+            if src == self.rank:
+                buf[: X.shape[0]] = X
+            dist.broadcast(buf, src)
+            if pos and X.shape[0]:
+                other = buf[: len(pos)]  # (n_src, D)
+                d = (sq[:, None] + (other * other).sum(1)[None, :] - 2.0 * (X @ other.T)).clamp_min_(0.0)
+                block[:, torch.tensor(pos, dtype=torch.long, device=X.device)] = d
+            del buf
+        D = self.gather_rows(block, rows)  # (N, N)
+        D.fill_diagonal_(0.0)
+        return D
+
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
         """``partial`` summed over the ranks (every rank receives the same bits)."""
         out = partial.clone()

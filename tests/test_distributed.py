@@ -48,6 +48,9 @@ CONFIGS = {
     "fedavg_lr": {},
     "fedavg_cnn": dict(model="cnn", synthetic_train=240, client_num_in_total=6, client_num_per_round=4),
     "krum_gaussian": dict(by_attack="gaussian", by_defense="krum", by_frac=0.25, by_mode="per_round"),
+    # no update stage: distances in per-process blocks, the selected rows all_reduced (U never whole)
+    "krum_blocks": dict(by_defense="krum", by_f=1),
+    "multi_krum_blocks": dict(by_defense="multi_krum", by_f=1),
     "dp_fedavg": dict(dp_mode="user", dp_sigma=0.5, grad_norm=0.5),
     "dp_sgd": dict(dp_mode="example", dp_sigma=0.8, grad_norm=1.0),
     "dba_backdoor": dict(bd_attack="dba", by_frac=0.25, by_mode="per_round", bd_boost=2.0),
@@ -117,7 +120,7 @@ def test_sharded_run_equals_one_process(job, name):
         for g, r in zip(got["rows"], ref["rows"]):
             assert (g["test_acc"], g["test_loss"], g["train_loss"]) == (r["test_acc"], r["test_loss"], r["train_loss"])
     else:  # partial sums all_reduced: equal to float rounding
-        assert name in ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd"), mode
+        assert name in ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks"), mode
         for k in ref["model"]:
             assert rel(got["model"][k], ref["model"][k]) <= 1e-6, k
         for g, r in zip(got["rows"], ref["rows"]):
@@ -126,6 +129,10 @@ def test_sharded_run_equals_one_process(job, name):
             assert g["train_loss"] == pytest.approx(r["train_loss"], rel=1e-6)
     if name == "krum_gaussian":
         assert [r["malicious_selected"] for r in got["rows"]] == [r["malicious_selected"] for r in ref["rows"]]
+    if name.endswith("krum_blocks"):  # the same clients selected from the block distances
+        assert not mode.startswith("all_gather"), mode
+        assert [r["selected_ids"] for r in got["rows"]] == [r["selected_ids"] for r in ref["rows"]]
+        assert all(0 < len(r["selected_ids"]) < cfg.client_num_per_round or name == "krum_blocks" for r in got["rows"])
     if name == "dp_fedavg":  # the noise is in the release once: twice would be sqrt(2) times as large
         assert [r["dp_cohort"] for r in got["rows"]] == [r["dp_cohort"] for r in ref["rows"]]
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..aggregators import AGGREGATORS, aggregate, check_clients, normalise_weights, required_clients
+from ..aggregators import AGGREGATORS, aggregate, check_clients, krum_scores, krum_select, normalise_weights, required_clients
 from ..attacks import ATTACKS, attack, attackers_quantile, data_poison
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
 from ..data import dataset_meta, pack_clients
@@ -194,6 +194,12 @@ class ByzantineAttack(UpdateStage):
         self.cfg = cfg
         self.kwargs = parse_params(cfg.by_attack_params)
 
+    @property
+    def reads_rows(self) -> bool:
+        """Whether the stage reads ``U`` (with ``--by_attack none`` it only counts the malicious
+        clients, so sharded processes need not gather ``U`` for it)."""
+        return self.cfg.by_attack != "none"
+
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         malicious = ctx.malicious
         n_mal = int(malicious.sum())
@@ -223,8 +229,10 @@ class RobustAggregation(Aggregation):
 
     @property
     def sums_rows(self) -> bool:
-        """The rule is a weighted sum of rows, which ranks can reduce without gathering ``U``."""
-        return self.rule == "mean"
+        """Ranks can aggregate without gathering ``U``: the mean is a weighted sum of rows, and
+        Krum / Multi-Krum select from distances that ranks compute in blocks
+        (:meth:`Sharding.sqdist`), then sum the selected rows."""
+        return self.rule in ("mean", "krum", "multi_krum")
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -236,7 +244,7 @@ class RobustAggregation(Aggregation):
 
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         if self.sharding is not None:
-            return self.sharded_mean(ctx, U)
+            return self.sharded_mean(ctx, U) if self.rule == "mean" else self.sharded_krum(ctx, U)
         if U.shape[0] == 0:
             return torch.zeros(U.shape[1], device=U.device), {"round_rejected": True}
         for k, v in self.state.items():  # a resumed state comes from a CPU checkpoint
@@ -306,6 +314,61 @@ class RobustAggregation(Aggregation):
         agg = sh.sum(partial).to(U.dtype)
         if not bool(torch.isfinite(agg).all()):
             return rejected, {**out, "round_rejected": True}
+        return agg, out
+
+    def sharded_krum(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """Krum / Multi-Krum (Blanchard et al. 2017) from this rank's rows ``U (n_r, D)``.
+
+        As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: non-finite rows are excluded
+        (and ``f`` lowered by their number); the ``(N, N)`` distances come in per-rank blocks
+        (:meth:`Sharding.sqdist`), so no rank holds all of ``U``; every rank runs the same
+        selection on them; each rank sums its selected rows and one ``all_reduce`` adds the
+        partial sums. Krum's result is the selected row's bits; Multi-Krum's mean agrees with one
+        process to the order of the additions (and the distances to the blocking of the matmul).
+        """
+        sh, N, D = self.sharding, ctx.num_clients, ctx.spec.dim
+        rejected = torch.zeros(D, dtype=U.dtype, device=U.device)
+        if N == 0:
+            return rejected, {"round_rejected": True}
+        rows = sh.rows(ctx.client_ids)
+        X = U.float()
+        mine_finite = torch.isfinite(torch.einsum("nd,nd->n", X, X))  # (n_r,)
+        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool()  # (N,)
+        kept = finite.nonzero().squeeze(1)  # (n_kept,) cohort positions
+        excluded = N - kept.numel()
+        out: Metrics = {"nonfinite_excluded": excluded} if excluded else {}
+        Dm = sh.sqdist(torch.where(mine_finite[:, None], X, 0.0), rows)  # (N, N); every rank joins the collectives
+        if kept.numel() == 0:
+            return rejected, {**out, "round_rejected": True}
+        n, f = kept.numel(), max(0, min(self.f, N - 1) - excluded)
+        if excluded and n < required_clients(self.rule, f, self.kwargs):
+            return rejected, {**out, "round_rejected": True, "too_few_rows": n}
+        check_clients(self.rule, n, f)
+        Dk = Dm[kept][:, kept]  # (n, n)
+        weighted = False
+        if self.rule == "krum":
+            sel = [int(torch.argmin(krum_scores(Dk, f)))]
+        else:
+            m = n - 2 * f if self.kwargs.get("m") is None else int(self.kwargs["m"])
+            if not 1 <= m <= n:
+                raise ConfigError(f"multi_krum: m must be in [1, n={n}], got {m}")
+            sel = krum_select(Dk, f, m, rescore=bool(self.kwargs.get("rescore", True)))
+            weighted = bool(self.kwargs.get("weighted", False))
+        chosen = kept[torch.tensor(sel, dtype=torch.long, device=kept.device)]  # (m,) cohort positions
+        w = torch.zeros(N, device=U.device)
+        w[chosen] = normalise_weights(ctx.weights[chosen] if weighted else None, len(sel), U.device)  # (N,)
+        mine = torch.tensor(rows[sh.rank], dtype=torch.long, device=U.device)
+        wm = w[mine]  # (n_r,)
+        pick = (wm != 0) & mine_finite
+        partial = wm[pick] @ X[pick] if bool(pick.any()) else torch.zeros(D, device=U.device)  # (D,)
+        agg = sh.sum(partial).to(U.dtype)
+        if not bool(torch.isfinite(agg).all()):
+            return rejected, {**out, "round_rejected": True}
+        sel_pos = chosen.tolist()
+        out["selected"] = len(sel_pos)
+        out["malicious_selected"] = int(ctx.malicious[chosen.to(ctx.malicious.device)].sum())
+        if len(sel_pos) <= MAX_LISTED:
+            out["selected_ids"] = sel_pos
         return agg, out
 
     def state_dict(self) -> dict[str, Any]:
