@@ -203,6 +203,7 @@ class Config:
     ats_use_prob: bool = field(default=False, metadata={"help": "ATS: apply each op with its listed probability (ATS's code applies every op)"})
     grad_prune: Optional[float] = field(default=None, metadata={"help": "gradient pruning (Zhu et al. 2019): zero each update's entries below this quantile of |entry| in each layer, e.g. 0.6"})
     ats_policy_file: Optional[str] = field(default=None, metadata={"help": "ATS: a ranked policy CSV (spfl ats-search's ats_search.csv) whose kept policies replace the dataset's list for --augid/--topn"})
+    ats_list: Optional[str] = field(default=None, metadata={"help": "ATS: the built-in policy list --augid/--topn choose from, NAME or NAME/MODEL: mnistRGB, cifar10, cifar100 (the toolkit's) or fashion_mnist (our search); default the dataset's"})
     soteria_rate: Optional[float] = field(default=None, metadata={"help": "Soteria (Sun et al. CVPR 2021): zero this fraction of the last layer's weight-gradient columns, the features of smallest ||dr/dx||/(r+0.1); Soteria's --pruning_rate 60 is 0.6"})
     soteria_samples: Optional[int] = field(default=None, metadata={"help": "Soteria: compute the ratio on at most this many of each client's samples (default: all the samples its upload is computed on)"})
     audit_inversion: Optional[str] = field(default=None, metadata={"help": "audit during training: attack honest clients' uploads with dlg, idlg or ig every --audit_every rounds (read-only; audit_psnr/audit_ssim/audit_label_acc in metrics.jsonl)"})

@@ -55,7 +55,7 @@ def cmd_invert(argv: Sequence[str]) -> int:
         return format(v, fmt) if v is not None and math.isfinite(v) else "n/a"
 
     m = rep["mean"]
-    print_table([
+    rows = [
         ("attack", f"{rep['attack']} ({rep['label_method']} labels), {rep['iterations']} iterations, {rep['restarts']} restarts"),
         ("images", f"{rep['num_images']} = {len(rep['clients'])} clients x {rep['batch']}"),
         ("mean PSNR", f"{f(m['psnr'], '.2f')} dB (dataset-mean image: {f(rep['baseline_mean_image_psnr'], '.2f')} dB)"),
@@ -65,7 +65,12 @@ def cmd_invert(argv: Sequence[str]) -> int:
         ("attack time", f"{rep['attack_s']:.1f} s"),
         ("json", str(out / "inversion.json")),
         ("grid", str(out / "inversion.png")),
-    ])
+    ]
+    t = rep["mean_vs_trained_images"]
+    if t is not None:  # a batch transform (ATS): the same reconstructions against what the clients trained on
+        rows.insert(4, ("vs trained images", f"PSNR {f(t['psnr'], '.2f')} dB, SSIM {f(t['ssim'], '.3f')} (the transformed "
+                                             f"images the clients trained on)"))
+    print_table(rows)
     return 0
 
 

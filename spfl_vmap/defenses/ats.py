@@ -343,12 +343,27 @@ SUB_POLICIES: tuple[SubPolicy, ...] = tuple(SubPolicy(p, op, lv) for p, op, lv i
     (0.8, "solarize", 1), (0.8, "equalize", 5), (0.1, "invert", 0), (0.7, "translateY", 3), (0.9, "autocontrast", 1),
 ))
 
-# The toolkit's defense/policy_list_{dataset}.csv: {(toolkit dataset, model): policies, best first}
+# {(list name, model): policies, best first}. The first four are the toolkit's
+# defense/policy_list_{name}.csv. ("fashion_mnist", "cnn") is our own search for 1-channel 28x28
+# images: the top 5 kept policies of docs/results/ats_search_fashion_mnist_cnn.csv, written by
+# `spfl ats-search --dataset fashion_mnist --model cnn --num_candidates 96` (seed 0, --max_len 3,
+# --threshold -85, --train_steps 100; 94 of 96 kept, ranked by ascending S_pri). Its policy 0,
+# 11-37-12, posterizes to 6 bits and solarizes at level 142 (colour is the identity on 1 channel).
+# The toolkit's mnistRGB list barely changes FashionMNIST images (41-11-31 stays 48 dB from the
+# original), so it no longer serves them; --ats_list mnistRGB still selects it.
 POLICY_LISTS: dict[tuple[str, str], tuple[str, ...]] = {
     ("mnistRGB", "convnet"): ("41-11-31", "34-11-36", "11-41-28", "11-28-49", "11-39-8"),
     ("cifar10", "convnet"): ("3-3-0", "3-17-15", "3-21-19"),
     ("cifar100", "resnet20"): ("3-1-7", "43-18-18"),
     ("cifar100", "convnet"): ("3-1-3", "21-13-3"),
+    ("fashion_mnist", "cnn"): ("11-37-12", "27-4-37", "45-38-15", "15-20-13", "41-31-15"),
+}
+# where each list comes from, for the run's description
+LIST_ORIGINS: dict[str, str] = {
+    "mnistRGB": "the toolkit's list (defense/policy_list_*.csv)",
+    "cifar10": "the toolkit's list (defense/policy_list_*.csv)",
+    "cifar100": "the toolkit's list (defense/policy_list_*.csv)",
+    "fashion_mnist": "our search's list (docs/results/ats_search_fashion_mnist_cnn.csv)",
 }
 
 
@@ -433,7 +448,7 @@ def apply_policy(x: torch.Tensor, policies: Sequence[Policy], u: torch.Tensor, u
 
 
 __all__ = [
-    "OPS", "POLICY_LISTS", "Policy", "ROTATE_FILL", "SUB_POLICIES", "SubPolicy", "apply_policy", "autocontrast",
+    "LIST_ORIGINS", "OPS", "POLICY_LISTS", "Policy", "ROTATE_FILL", "SUB_POLICIES", "SubPolicy", "apply_policy", "autocontrast",
     "brightness", "color", "contrast", "describe_policy", "draw_uniforms", "equalize", "invert", "magnitude",
     "num_draws", "parse_policies", "parse_policy", "policy_name", "posterize", "rotate", "sharpness", "shear_x",
     "shear_y", "solarize", "translate_x", "translate_y",

@@ -37,10 +37,11 @@ from ..attacks.inversion import ATTACK_NAMES, DEFAULT_ITERATIONS, DEFAULT_TV, in
 from ..attacks.inversion_metrics import psnr, reconstruction_metrics, save_grid, to_unit
 from ..builder import Simulator, make_trainer
 from ..config import Config
+from ..engine.local import apply_transforms
 from ..errors import ConfigError
 from ..modules.inference import fresh_uploads, upload_model
 from ..rng import generator
-from ..runner import write_json_atomic
+from ..runner import describe_lines, write_json_atomic
 from ..stages import BuildEnv
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +104,21 @@ def client_uploads(sim: Simulator, ids: list[int], batch: int, round_idx: int) -
                          sim.context(round_idx, ids), batch)
 
 
+def trained_images(sim: Simulator, ids: list[int], x: torch.Tensor, y: torch.Tensor, round_idx: int) -> torch.Tensor:
+    """The images clients ``ids`` trained on in round ``round_idx`` when each holds one sample:
+    ``x [M, 1, C, H, W]`` through the pipeline's batch transforms (ATS), as the trainer applies
+    them. Exact for one image per client: its draws are those of slot 0 of its only batch
+    (:class:`~spfl_vmap.modules.inference.ATSTransform` hashes the round, the client, the sample
+    and the slot).
+
+    Returns:
+        ``[M, 1, C, H, W]``.
+    """
+    ctx = sim.context(round_idx, ids)
+    rows = torch.arange(len(ids), device=y.device)
+    return apply_transforms(ctx, sim.pipeline.batch_transforms, x, y, rows)[0]
+
+
 def run_invert(
     cfg: Config, spec: InvertSpec, out: Path, resume: str | Path | None = None, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -129,6 +145,8 @@ def run_invert(
     iterations = spec.iterations or DEFAULT_ITERATIONS[spec.attack]
     log(f"spfl invert: {spec.attack} on {M} clients x {B} images, {spec.restarts} restarts, {iterations} iterations, "
         f"{upload.kind}s of {cfg.dataset} {cfg.model} at round {r - 1}")
+    for line in describe_lines(sim.describe()):  # the defenses the uploads go through (ATS list, DP, ...)
+        log(line)
     t1 = time.perf_counter()
     res = invert(spec.attack, sim.model, sim.global_params, U, num_images=B, input_shape=tuple(sim.dataset.input_shape),
                  upload=upload, restarts=spec.restarts, iterations=iterations, seed=cfg.seed, problem_ids=ids,
@@ -136,6 +154,13 @@ def run_invert(
     attack_s = time.perf_counter() - t1
     rec01, orig01 = to_unit(res.x.detach(), box), to_unit(x, box)
     met = reconstruction_metrics(rec01, orig01, res.labels, y)
+    # Under a batch transform (ATS) the client trained on transformed images; the metrics above
+    # compare with the original, which is what the defense protects (ATS's evaluation). Against
+    # the transformed images, the same reconstructions show what the attack itself recovered.
+    vs_trained = None
+    if sim.pipeline.batch_transforms and B == 1:
+        xt01 = to_unit(trained_images(sim, ids, x, y, r), box)
+        vs_trained = {k: reconstruction_metrics(rec01, xt01, res.labels, y)["mean"][k] for k in ("psnr", "ssim")}
     mean_img = to_unit(sim.dataset.x_train.mean(0), box).expand_as(orig01)  # the best data-independent guess
     baseline = float(psnr(mean_img.flatten(0, 1), orig01.flatten(0, 1)).mean())
     images = []
@@ -154,7 +179,7 @@ def run_invert(
         "iterations": iterations, "tv": spec.tv if spec.attack == "ig" else None,
         "upload": dataclasses.asdict(upload), "label_method": res.label_method, "round": r - 1,
         "resumed_from": str(resume) if resume is not None else None, "clients": ids,
-        "mean": met["mean"], "baseline_mean_image_psnr": baseline,
+        "mean": met["mean"], "baseline_mean_image_psnr": baseline, "mean_vs_trained_images": vs_trained,
         "failed_restarts": int(res.failed.sum()), "failed_problems": int((~res.ok).sum()),
         "attack_s": attack_s, "total_s": time.perf_counter() - t0,
         "config": cfg.to_dict(), "images": images,

@@ -16,9 +16,12 @@ The toolkit's flags (csl-cqu/Roubst-and-Privacy-preserving-Federated-Learning-Sy
 ``--data_recovery_protection`` switches ATS on; ``--augid N`` uses policy ``N`` of the list for the
 dataset and model; otherwise ``--topn K`` (default 2) makes a hybrid of the top ``K`` policies, in
 which each image draws one uniformly (``PolicyHybrid``). ``--ats_policy 3-1-7`` (or a hybrid
-``3-1-7+43-18-18``) gives a policy directly. The lists are the toolkit's ``policy_list_*.csv``
-(:data:`spfl_vmap.defenses.ats.POLICY_LISTS`); FashionMNIST and MNIST have none of their own and
-use the toolkit's mnistRGB list. ``--ats_policy_file CSV`` replaces the list with the kept
+``3-1-7+43-18-18``) gives a policy directly. The lists (:data:`spfl_vmap.defenses.ats.POLICY_LISTS`)
+are the toolkit's ``policy_list_*.csv`` for mnistRGB, CIFAR-10 and CIFAR-100, and our own search's
+for 1-channel FashionMNIST and MNIST (``docs/results/ats_search_fashion_mnist_cnn.csv``; the
+toolkit's mnistRGB list barely changes those images). ``--ats_list NAME`` chooses another
+built-in list, e.g. ``--ats_list mnistRGB`` for the toolkit's on FashionMNIST, and the
+toolkit's ``--dataset mnistRGB`` gets its own. ``--ats_policy_file CSV`` replaces the list with the kept
 policies of a ranked CSV written by ``spfl ats-search`` (ATS's own search,
 ``spfl_vmap.experiments.ats_search``), and ``--augid``/``--topn`` then choose from it.
 Like the toolkit, a model without a list of its own for the dataset uses the dataset's first list.
@@ -44,10 +47,11 @@ from ..attacks.inversion import ATTACK_NAMES, Upload, invert, pixel_box
 from ..attacks.inversion_metrics import reconstruction_metrics, to_unit
 from ..config import NORMALIZERS, SECTIONS, Config, need
 from ..data import PackedClients
-from ..data.loaders import PIXEL_NORMALIZATION
-from ..defenses.ats import POLICY_LISTS, Policy, apply_policy, describe_policy, num_draws, parse_policies, parse_policy, policy_name
-from ..defenses.ats_search import read_policy_csv
 from ..distributed import extremes
+from ..data.loaders import PIXEL_NORMALIZATION
+from ..defenses.ats import (LIST_ORIGINS, POLICY_LISTS, Policy, apply_policy, describe_policy, num_draws, parse_policies, parse_policy,
+                            policy_name)
+from ..defenses.ats_search import read_policy_csv
 from ..defenses.pruning import prune_per_layer
 from ..defenses.soteria import prune_columns, representation_model, representation_ratios, soteria_keep
 from ..errors import ConfigError
@@ -56,8 +60,11 @@ from ..stages import Audit, BatchTransform, BuildEnv, EvalHook, Metrics, Pipelin
 TOOLKIT_TOPN = 2  # main_fedavg.py: --topn default
 # --audit_* defaults, small enough for a CPU run: one client, one image, one restart, 100 iterations
 AUDIT_DEFAULTS = {"audit_every": 1, "audit_clients": 1, "audit_batch": 1, "audit_restarts": 1, "audit_iterations": 100}
-# our dataset -> the toolkit's policy-list name (policy_list_{name}.csv)
-LIST_OF_DATASET = {"mnist_rgb": "mnistRGB", "mnist": "mnistRGB", "fashion_mnist": "mnistRGB", "cifar10": "cifar10", "cifar100": "cifar100"}
+# our dataset -> the name of its policy list in POLICY_LISTS: the toolkit's policy_list_{name}.csv,
+# except 1-channel FashionMNIST and MNIST, which get our own search's list (the toolkit has none
+# for them; its mnistRGB list, autocontrast/posterize policies, leaves FashionMNIST nearly intact)
+LIST_OF_DATASET = {"mnist_rgb": "mnistRGB", "mnist": "fashion_mnist", "fashion_mnist": "fashion_mnist", "cifar10": "cifar10",
+                   "cifar100": "cifar100"}
 DATASET_ALIASES = {"mnistRGB": "mnist_rgb"}  # the toolkit's dataset name (test/datarecovery_defense.sh)
 
 
@@ -69,22 +76,45 @@ def toolkit_dataset_name(cfg: Config) -> dict[str, Any]:
 
 
 def policy_list(cfg: Config) -> tuple[str, tuple[str, ...]]:
-    """``("mnistRGB/convnet", policies)``: the toolkit's list for ``cfg``'s dataset and model.
+    """``("mnistRGB/convnet", policies)``: the built-in list for ``cfg``'s dataset and model.
 
-    A model without its own list gets the dataset's first (the toolkit's ``get_policy`` does the
-    same, with a warning). A dataset without a list is a :class:`ConfigError`. With
-    ``--ats_policy_file`` the list is that file's kept policies (``spfl ats-search``'s ranked CSV).
+    The list is ``--ats_list NAME[/MODEL]`` when given, else the dataset's
+    (:data:`LIST_OF_DATASET`). A model without its own list gets the first model's (the
+    toolkit's ``get_policy`` does the same, with a warning). A dataset without a list is a
+    :class:`ConfigError`. With ``--ats_policy_file`` the list is that file's kept policies
+    (``spfl ats-search``'s ranked CSV).
     """
     if cfg.ats_policy_file is not None:
         return cfg.ats_policy_file, read_policy_csv(cfg.ats_policy_file)
+    names = sorted({d for (d, _) in POLICY_LISTS})
+    if cfg.ats_list is not None:
+        name, _, model = cfg.ats_list.partition("/")
+        if name not in names:
+            raise ConfigError(f"unknown --ats_list {cfg.ats_list!r}; the built-in lists are {', '.join(names)} (NAME or NAME/MODEL)")
+        models = [m for (d, m) in POLICY_LISTS if d == name]
+        if model and model not in models:
+            raise ConfigError(f"--ats_list {cfg.ats_list}: the list {name} exists for the models {', '.join(models)}")
+        model = model or (cfg.model if cfg.model in models else models[0])
+        return f"{name}/{model}", POLICY_LISTS[(name, model)]
     name = LIST_OF_DATASET.get(cfg.dataset)
     if name is None:
         known = ", ".join(sorted(LIST_OF_DATASET))
         raise ConfigError(f"--data_recovery_protection: no ATS policy list for dataset {cfg.dataset} (lists exist for {known}); "
-                          f"give a policy with --ats_policy, e.g. --ats_policy 3-1-7")
+                          f"give a policy with --ats_policy, e.g. --ats_policy 3-1-7, or a list with --ats_list "
+                          f"({', '.join(names)})")
     models = [m for (d, m) in POLICY_LISTS if d == name]
     model = cfg.model if cfg.model in models else models[0]
     return f"{name}/{model}", POLICY_LISTS[(name, model)]
+
+
+def list_origin(cfg: Config) -> str:
+    """Where ``cfg``'s ATS policies come from, in words (for the run's description and console)."""
+    if cfg.ats_policy is not None:
+        return "given with --ats_policy"
+    if cfg.ats_policy_file is not None:
+        return f"the kept policies of --ats_policy_file {cfg.ats_policy_file}"
+    name = cfg.ats_list.partition("/")[0] if cfg.ats_list is not None else LIST_OF_DATASET[cfg.dataset]
+    return LIST_ORIGINS[name]
 
 
 def resolve_policies(cfg: Config) -> tuple[str, tuple[Policy, ...]]:
@@ -123,11 +153,14 @@ def validate(cfg: Config) -> None:
     if not ats_on(cfg):
         given += ["--ats_policy_file"] if cfg.ats_policy_file is not None else []
         given += ["--ats_use_prob"] if cfg.ats_use_prob else []
+        given += ["--ats_list"] if cfg.ats_list is not None else []
         need(not given, f"{', '.join(given)} choose the ATS policies: add --data_recovery_protection")
         return
     need(len(given) <= 1, f"give one of --augid, --topn, --ats_policy, not {' and '.join(given)}")
     need(cfg.ats_policy is None or cfg.ats_policy_file is None,
          "give one of --ats_policy, --ats_policy_file, not both (--augid/--topn choose from the file)")
+    lists = [f"--{k}" for k in ("ats_list", "ats_policy_file", "ats_policy") if getattr(cfg, k) is not None]
+    need(cfg.ats_list is None or len(lists) == 1, f"give one of {', '.join(lists)}, not both")
     if cfg.ats_policy is not None:
         parse_policies(cfg.ats_policy)  # one-line error on a bad id
         return
@@ -259,6 +292,7 @@ class ATSTransform(BatchTransform):
 
     def __init__(self, cfg: Config, env: BuildEnv) -> None:
         self.source, self.policies = resolve_policies(cfg)
+        self.origin = list_origin(cfg)
         self.use_prob = cfg.ats_use_prob
         self.mean, self.std = pixel_normalization(cfg, env)  # (C, 1, 1)
         self.draws = num_draws(self.policies)
@@ -278,7 +312,7 @@ class ATSTransform(BatchTransform):
         return ((out - mean) / std, y), {}
 
     def describe(self) -> dict[str, Any]:
-        return {"ats": {"policies": [policy_name(p) for p in self.policies], "source": self.source,
+        return {"ats": {"policies": [policy_name(p) for p in self.policies], "source": self.source, "list": self.origin,
                         "ops": [describe_policy(p) for p in self.policies], "use_prob": self.use_prob,
                         "pixel_mean": [float(v) for v in self.mean.flatten()],
                         "pixel_std": [float(v) for v in self.std.flatten()]}}
@@ -464,6 +498,6 @@ def stages(cfg: Config, env: BuildEnv) -> list[Stage]:
     return out
 
 
-__all__ = ["ATSTransform", "GradientPruning", "InversionAudit", "SoteriaPruning", "fresh_uploads", "pixel_normalization",
-           "pixel_stats", "policy_list", "resolve_policies", "stages", "toolkit_dataset_name", "upload_model", "validate",
+__all__ = ["ATSTransform", "GradientPruning", "InversionAudit", "SoteriaPruning", "fresh_uploads", "list_origin",
+           "pixel_normalization", "pixel_stats", "policy_list", "resolve_policies", "stages", "toolkit_dataset_name", "upload_model", "validate",
            "validate_audit"]

@@ -391,6 +391,35 @@ def test_client_uploads_are_the_engines_and_match_the_attackers_model(model, use
         assert rel_err(U[m], want) < 1e-4
 
 
+@pytest.mark.parametrize("model", ["lr", "cnn"])
+def test_trained_images_are_what_an_ats_client_uploads_the_gradient_of(model):
+    """Under ATS a one-image client's upload is the plain gradient at trained_images(...), not at
+    its original image: so spfl invert's "vs trained images" metric compares with what the
+    client really trained on."""
+    from spfl_vmap.experiments.invert import client_uploads, trained_images
+
+    sim = _sim(model=model, use_gradient=True, data_recovery_protection=True, ats_policy="3-1-7+11-37-12")
+    ids = [0, 2, 3, 6]
+    U, x, y = client_uploads(sim, ids, 1, 1)
+    xt = trained_images(sim, ids, x, y, 1)  # (M, 1, C, H, W)
+    assert xt.shape == x.shape and not torch.allclose(xt, x)
+    for m in range(len(ids)):
+        assert rel_err(U[m], plain_gradient(sim.model, xt[m], y[m])) < 1e-4
+        assert rel_err(U[m], plain_gradient(sim.model, x[m], y[m])) > 1e-2
+
+
+def test_spfl_invert_reports_metrics_against_the_trained_images_under_ats(tmp_path):
+    from spfl_vmap.cli import main
+
+    common = ["invert", "--dataset", "digits", "--model", "lr", "--attack", "idlg", "--num_images", "2", "--batch", "1",
+              "--iterations", "2", "--use_gradient", "--client_num_in_total", "8", "--client_num_per_round", "8"]
+    assert main([*common, "--out", str(tmp_path / "a")]) == 0
+    assert json.loads((tmp_path / "a" / "inversion.json").read_text())["mean_vs_trained_images"] is None
+    assert main([*common, "--data_recovery_protection", "--ats_policy", "3-1-7", "--out", str(tmp_path / "b")]) == 0
+    t = json.loads((tmp_path / "b" / "inversion.json").read_text())["mean_vs_trained_images"]
+    assert set(t) == {"psnr", "ssim"} and math.isfinite(t["psnr"])
+
+
 def test_spfl_invert_end_to_end(tmp_path, capsys):
     from spfl_vmap.cli import main
 

@@ -3,6 +3,7 @@ of chunking and engine, pixel space), gradient pruning as a stage, whole runs.""
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,13 +13,15 @@ from spfl_vmap import Config, ConfigError, Simulator
 from spfl_vmap.data import load_dataset
 from spfl_vmap.data.loaders import DEBIAN_FASHION_MNIST, PIXEL_NORMALIZATION
 from spfl_vmap.defenses.ats import parse_policies
+from spfl_vmap.defenses.ats_search import read_policy_csv
 from spfl_vmap.defenses.pruning import prune_per_layer
-from spfl_vmap.modules.inference import ATSTransform, pixel_normalization, resolve_policies
+from spfl_vmap.modules.inference import ATSTransform, list_origin, pixel_normalization, resolve_policies
 
 BASE = dict(dataset="digits", model="lr", partition_method="hetero", partition_alpha=0.5, partition_min_samples=10,
             client_num_in_total=6, client_num_per_round=6, comm_round=2, epochs=2, batch_size=7, lr=0.05,
             frequency_of_the_test=1, progress=False, device="cpu")
 ATS = dict(data_recovery_protection=True, ats_policy="3-1-7+43-18-18+41-11-31")
+SEARCH_CSV = Path(__file__).resolve().parents[2] / "docs" / "results" / "ats_search_fashion_mnist_cnn.csv"
 
 
 def cfg_of(**kw) -> Config:
@@ -39,6 +42,11 @@ FMNIST = dict(dataset="fashion_mnist", data_recovery_protection=True)
     (dict(**FMNIST, topn=0), "--topn 0"),
     (dict(**FMNIST, augid=1, topn=2), "not --augid and --topn"),
     (dict(**FMNIST, augid=1, ats_policy="3-1-7"), "not --augid and --ats_policy"),
+    (dict(ats_list="mnistRGB"), "add --data_recovery_protection"),
+    (dict(**FMNIST, ats_list="mnist"), "unknown --ats_list 'mnist'"),
+    (dict(**FMNIST, ats_list="cifar100/lr"), "exists for the models resnet20, convnet"),
+    (dict(**FMNIST, ats_list="cifar10", ats_policy="3-1-7"), "not both"),
+    (dict(**FMNIST, ats_list="mnistRGB", augid=5), "--augid 5 is out of range"),
     (dict(data_recovery_protection=True, ats_policy="3-1-77"), "unknown sub-policy id 77"),
     (dict(data_recovery_protection=True, ats_policy="translate"), "ATS policy"),
     (dict(grad_prune=60.0), "--grad_prune"),
@@ -51,19 +59,34 @@ def test_config_errors_are_one_line(kw, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_policies_follow_the_toolkit_lists():
+def test_policies_follow_the_lists():
+    """FashionMNIST and MNIST use our search's list (the top of its ranked CSV); the toolkit's
+    lists stay reachable by --ats_list, by the toolkit's --dataset mnistRGB and for CIFAR."""
+    ours = read_policy_csv(SEARCH_CSV)[:5]  # docs/results/ats_search_fashion_mnist_cnn.csv, kept policies in rank order
+    assert resolve_policies(cfg_of(**FMNIST))[1] == parse_policies("+".join(ours[:2]))  # the toolkit's default --topn 2
+    for dataset in ("fashion_mnist", "mnist"):
+        for model in ("cnn", "convnet"):  # convnet has no list of its own: the list's first model's, as the toolkit
+            for i, name in enumerate(ours):
+                cfg = cfg_of(dataset=dataset, model=model, data_recovery_protection=True, augid=i)
+                assert resolve_policies(cfg) == (f"fashion_mnist/cnn[{i}]", parse_policies(name))
+                assert "our search" in list_origin(cfg)
+    assert resolve_policies(cfg_of(**FMNIST, topn=5))[1] == parse_policies("+".join(ours))
     mnist = ("41-11-31", "34-11-36", "11-41-28", "11-28-49", "11-39-8")  # policy_list_mnistRGB.csv
-    assert resolve_policies(cfg_of(**FMNIST))[1] == parse_policies("+".join(mnist[:2]))  # the toolkit's --topn 2
     for i, name in enumerate(mnist):
-        assert resolve_policies(cfg_of(**FMNIST, augid=i)) == (f"mnistRGB/convnet[{i}]", parse_policies(name))
-    assert resolve_policies(cfg_of(**FMNIST, topn=5))[1] == parse_policies("+".join(mnist))
+        for kw in (dict(**FMNIST, ats_list="mnistRGB"), dict(**FMNIST, ats_list="mnistRGB/convnet"),
+                   dict(dataset="mnistRGB", model="convnet", data_recovery_protection=True)):
+            cfg = cfg_of(**kw, augid=i)
+            assert resolve_policies(cfg) == (f"mnistRGB/convnet[{i}]", parse_policies(name))
+            assert "toolkit" in list_origin(cfg)
     c100 = dict(dataset="cifar100", data_recovery_protection=True)
     assert resolve_policies(cfg_of(**c100, model="resnet20", augid=1))[1] == parse_policies("43-18-18")
     assert resolve_policies(cfg_of(**c100, model="convnet", augid=0))[1] == parse_policies("3-1-3")
     assert resolve_policies(cfg_of(**c100, model="lr", augid=0))[0] == "cifar100/resnet20[0]"  # the first list, as the toolkit
+    assert resolve_policies(cfg_of(**FMNIST, ats_list="cifar100/convnet", augid=1))[1] == parse_policies("21-13-3")
     assert resolve_policies(cfg_of(dataset="cifar10", model="convnet", data_recovery_protection=True, augid=2))[1] == \
         parse_policies("3-21-19")
     assert resolve_policies(cfg_of(**ATS))[1] == parse_policies(ATS["ats_policy"])
+    assert list_origin(cfg_of(**ATS)) == "given with --ats_policy"
     assert cfg_of(dataset="mnistRGB", model="convnet").dataset == "mnist_rgb"  # the toolkit's dataset name
 
 
@@ -74,6 +97,19 @@ def batch(sim: Simulator, n: int, B: int, seed: int = 0):
     real = torch.randint(1, B + 1, (n,), generator=g)  # a padded last batch: only the first real[i] slots hold samples
     valid = torch.arange(B)[None, :] < real[:, None]
     return sim.dataset.x_train[idx], sim.dataset.y_train[idx], valid, real
+
+
+def test_console_and_config_name_the_policies_and_their_list():
+    from spfl_vmap.runner import describe_lines
+
+    sim = Simulator(cfg_of(data_recovery_protection=True, ats_list="fashion_mnist", augid=0))  # digits has no list of its own
+    d = sim.describe()["ats"]
+    assert (d["policies"], d["source"]) == (["11-37-12"], "fashion_mnist/cnn[0]") and "our search" in d["list"]
+    line = [s for s in describe_lines(sim.describe()) if s.startswith("ats:")]
+    assert line == ["ats: 11-37-12 (posterize 6, solarize 142, color 0.167); fashion_mnist/cnn[0], our search's list "
+                    "(docs/results/ats_search_fashion_mnist_cnn.csv)"]
+    hybrid = describe_lines(Simulator(cfg_of(**ATS)).describe())
+    assert any(s.startswith("ats: 3-1-7 (") and "each image draws one; given with --ats_policy" in s for s in hybrid)
 
 
 def test_transform_does_not_depend_on_chunking_or_padding():
