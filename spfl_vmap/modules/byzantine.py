@@ -281,6 +281,17 @@ class RobustAggregation(Aggregation):
         """Engine keywords a subclass computes per round (FLTrust's ``server_update``)."""
         return {}
 
+    def _finite_rows(self, ctx: RoundContext, U: torch.Tensor) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Under sharding: every rank's cohort positions, this rank's rows as fp32 ``X (n_r, D)``,
+        which of them have a finite squared norm ``(n_r,)``, and the cohort's positions of all
+        finite rows ``(n_kept,)`` (the flags gathered, ``(N,)`` bytes), as ``aggregate`` keeps them."""
+        sh = self.sharding
+        rows = sh.rows(ctx.client_ids)
+        X = U.float()
+        mine_finite = torch.isfinite(torch.einsum("nd,nd->n", X, X))  # (n_r,)
+        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool()  # (N,)
+        return rows, X, mine_finite, finite.nonzero().squeeze(1)
+
     def sharded_mean(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """FedAvg's weighted mean from this rank's rows ``U (n_r, D)`` of the cohort.
 
@@ -294,11 +305,7 @@ class RobustAggregation(Aggregation):
         rejected = torch.zeros(D, dtype=U.dtype, device=U.device)
         if N == 0:
             return rejected, {"round_rejected": True}
-        rows = sh.rows(ctx.client_ids)
-        X = U.float()
-        mine_finite = torch.isfinite(torch.einsum("nd,nd->n", X, X))  # (n_r,)
-        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool()  # (N,)
-        kept = finite.nonzero().squeeze(1)  # (n_kept,)
+        rows, X, mine_finite, kept = self._finite_rows(ctx, U)
         excluded = N - kept.numel()
         out: Metrics = {"nonfinite_excluded": excluded} if excluded else {}
         if kept.numel() == 0:
@@ -330,11 +337,7 @@ class RobustAggregation(Aggregation):
         rejected = torch.zeros(D, dtype=U.dtype, device=U.device)
         if N == 0:
             return rejected, {"round_rejected": True}
-        rows = sh.rows(ctx.client_ids)
-        X = U.float()
-        mine_finite = torch.isfinite(torch.einsum("nd,nd->n", X, X))  # (n_r,)
-        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool()  # (N,)
-        kept = finite.nonzero().squeeze(1)  # (n_kept,) cohort positions
+        rows, X, mine_finite, kept = self._finite_rows(ctx, U)
         excluded = N - kept.numel()
         out: Metrics = {"nonfinite_excluded": excluded} if excluded else {}
         Dm = sh.sqdist(torch.where(mine_finite[:, None], X, 0.0), rows)  # (N, N); every rank joins the collectives
