@@ -214,6 +214,34 @@ def gather_batch(
     return apply_transforms(ctx, transforms, take_rows(packed.x, gidx), take_rows(packed.y, gidx), rows, valid)
 
 
+def start_params(ctx: RoundContext, cohort_rows: torch.Tensor) -> Params:
+    """``{k: (n, *shape)}`` the models the clients at ``cohort_rows`` start from: the global
+    model broadcast, or each row's own (``ctx.row_params``, vectorized sweeps)."""
+    n = len(cohort_rows)
+    if ctx.row_params is not None:
+        return {k: v[cohort_rows].clone() for k, v in ctx.row_params.items()}
+    return {k: v.expand(n, *v.shape).clone() for k, v in ctx.global_params.items()}
+
+
+def row_hypers(ctx: RoundContext, cohort_rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-row hyperparameters ``{name: (n,)}`` of a vectorized sweep (else empty)."""
+    return {k: v[cohort_rows] for k, v in (ctx.row_hypers or {}).items()}
+
+
+def active_counts(steps: Sequence[int]) -> list[int]:
+    """``a_t``: how many clients take step ``t`` (those with ``T_k > t``), for every ``t`` below
+    ``max_k T_k``. With the clients sorted by ``T_k`` (most first) they are the prefix ``[:a_t]``."""
+    T = max(steps, default=0)
+    ends = [0] * (T + 1)  # ends[s]: clients whose last step is s - 1
+    for k in steps:
+        ends[k] += 1
+    out, a = [], len(steps) - ends[0]
+    for t in range(T):
+        out.append(a)
+        a -= ends[t + 1]
+    return out
+
+
 def round_schedule(ctx: RoundContext, batch_size: int, epochs: int, use_gradient: bool) -> Schedule:
     """The shuffled batch schedule of the round's cohort (one unshuffled pass for FedSGD)."""
     return make_schedule(ctx.client_ids, ctx.counts, batch_size, 1 if use_gradient else epochs, ctx.seed, ctx.round,
@@ -305,20 +333,6 @@ class VmapTrainer:
         return sum(g.trace_s for g in gs), sum(len(g.graphs) for g in gs)
 
     # ---- the vectorized chunk ---------------------------------------------------------------
-    def start_params(self, ctx: RoundContext, cohort_rows: torch.Tensor) -> Params:
-        """``{k: (n, *shape)}`` the models the clients at ``cohort_rows`` start from: the global
-        model broadcast, or each row's own (``ctx.row_params``, vectorized sweeps)."""
-        n = len(cohort_rows)
-        if ctx.row_params is not None:
-            return {k: v[cohort_rows].clone() for k, v in ctx.row_params.items()}
-        return {k: v.expand(n, *v.shape).clone() for k, v in ctx.global_params.items()}
-
-    def _hypers(self, ctx: RoundContext, cohort_rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-row client hyperparameters ``{name: (n,)}`` of a vectorized sweep (else empty)."""
-        if not ctx.row_hypers:
-            return {}
-        return {k: v[cohort_rows].to(self.device) for k, v in ctx.row_hypers.items()}
-
     def _step_fn(self, params: Params, state: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                  m: torch.Tensor, hypers: dict[str, torch.Tensor]) -> torch.Tensor:
         """One local step of ``b`` clients, in place: gradients, then the optimizer update.
@@ -358,20 +372,22 @@ class VmapTrainer:
             return self._train_one(self._replicas[0], ctx, int(rows[0]), sched, transforms)
         ids = torch.tensor([ctx.client_ids[int(r)] for r in rows], device=self.device)
         index_rows = self.packed.index[ids]  # (n, n_max)
-        start = self.start_params(ctx, cohort_rows)  # {k: (n, *shape)}
+        start = start_params(ctx, cohort_rows)  # {k: (n, *shape)}
         params = {k: v.clone() for k, v in start.items()}
-        hypers = self._hypers(ctx, cohort_rows)
+        hypers = row_hypers(ctx, cohort_rows)
         mom = hypers.get("momentum", self.cfg.momentum)
         state = make_client_optimizer(self.cfg.client_optimizer, self.cfg.lr, mom, self.cfg.wd).init(params)
         steps = [int(s) for s in sched.steps]  # (n,) descending
         pos, mask = sched.pos.to(self.device), sched.mask.to(self.device)
         final = torch.empty(n, self.spec.dim, device=self.device)  # each client's model when it finished
         loss_sum = torch.zeros(n, device=self.device)
-        a = sum(1 for k in steps if k > 0)
+        counts = active_counts(steps) + [0]  # a_t, then 0 after the last step
+        a = counts[0]
         if a < n:  # clients without data keep the model they started from
             final[a:] = self.spec.flatten({k: v[a:] for k, v in params.items()}, stacked=True)
         graphs = self._graphs.mode != "off"
-        for t in range(steps[0] if n else 0):
+        for t in range(len(counts) - 1):
+            a = counts[t]
             b = bucket(a, n) if graphs else a
             view = lambda d: {k: v[:b] for k, v in d.items()}  # noqa: E731 (prefix views)
             key = (b, pos.shape[2], tuple(sorted(hypers)))
@@ -382,12 +398,9 @@ class VmapTrainer:
             else:
                 loss = self._gather_graphs(key, view(params), view(state), index_rows[:b], pos[:b, t], mask[:b, t], view(hypers))
             loss_sum[:a] += loss[:a]
-            a_next = a
-            while a_next > 0 and steps[a_next - 1] <= t + 1:
-                a_next -= 1
+            a_next = counts[t + 1]
             if a_next < a:  # clients a_next..a-1 took their last step
                 final[a_next:a] = self.spec.flatten({k: v[a_next:a] for k, v in params.items()}, stacked=True)
-            a = a_next
         w0 = self.spec.flatten(start, stacked=True) if ctx.row_params is not None else self.spec.flatten(ctx.global_params)[None]
         return final - w0, loss_sum / sched.steps.to(self.device).clamp(min=1)
 
@@ -526,12 +539,11 @@ class VmapTrainer:
         acc = torch.zeros(n, self.spec.dim, device=self.device)
         loss_sum = torch.zeros(n, device=self.device)
         if ctx.row_params is not None:
-            start = self.start_params(ctx, cohort_rows)
+            start = start_params(ctx, cohort_rows)
             vgrad, shared = self._vgrad_sum_rows, None
         else:
             start, vgrad, shared = None, self._vgrad_sum, ctx.global_params
-        for t in range(steps[0] if n else 0):
-            a = sum(1 for k in steps if k > t)
+        for t, a in enumerate(active_counts(steps)):
             x, y = gather_batch(self.packed, index_rows[:a], pos[:a, t], ctx, transforms, cohort_rows[:a], mask[:a, t])
             m = mask[:a, t].to(x.dtype)
             p = shared if start is None else {k: v[:a] for k, v in start.items()}

@@ -16,7 +16,10 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from ..data.packing import PackedClients
-from ..engine.local import LocalResult, activation_numel, available_memory, gather_batch, largest_first, round_schedule
+from ..engine.local import (
+    LocalResult, active_counts, activation_numel, available_memory, gather_batch, largest_first, round_schedule, row_hypers,
+    start_params,
+)
 from ..engine.optim import make_client_optimizer
 from ..engine.params import ParamSpec, Params
 from ..errors import ConfigError
@@ -163,12 +166,9 @@ class DPSGDTrainer:
         ids = torch.tensor(client_ids, device=dev)
         cohort_rows = rows.to(dev)
         index_rows = self.packed.index[ids]  # (n, n_max)
-        if ctx.row_params is not None:  # a vectorized sweep: each row's own starting model
-            start = {k: v[cohort_rows].clone() for k, v in ctx.row_params.items()}
-        else:
-            start = {k: v.expand(n, *v.shape).clone() for k, v in ctx.global_params.items()}  # broadcast
+        start = start_params(ctx, cohort_rows)  # {k: (n, *shape)}
         params = {k: v.clone() for k, v in start.items()}
-        hyp = {k: v[cohort_rows] for k, v in (ctx.row_hypers or {}).items()}  # {name: (n,)} float64
+        hyp = row_hypers(ctx, cohort_rows)  # {name: (n,)} float64
         opt_h = {k: hyp[k] for k in ("lr", "momentum", "wd") if k in hyp}
         clip, sigma = hyp.get("grad_norm", self.clip), hyp.get("dp_sigma", self.sigma)
         noise_scale = sigma * clip  # float, or (n,) float64 per row as the floats' product
@@ -189,8 +189,7 @@ class DPSGDTrainer:
         gens = [noise_generator(ctx.seed, ctx.round, c, dev) for c in client_ids] if noisy_rows else []
         loss_sum = torch.zeros(n, device=dev)
         loss_steps = torch.zeros(n, device=dev)
-        for t in range(steps[0] if n else 0):
-            a = sum(1 for k in steps if k > t)  # clients [:a] take step t
+        for t, a in enumerate(active_counts(steps)):  # clients [:a] take step t
             L_t = max(1, int(width_cpu[:a, t].max()))
             x, y = gather_batch(self.packed, index_rows[:a], pos[:a, t, :L_t], ctx, transforms, cohort_rows[:a], mask[:a, t, :L_t])  # (a, L, ...), (a, L)
             m = mask[:a, t, :L_t].to(x.dtype)  # (a, L)
