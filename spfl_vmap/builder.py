@@ -95,7 +95,9 @@ def shard_rounds(cfg: Config, trainer: Trainer, pipeline: Pipeline) -> None:
     """Under torchrun: refuse the stages that read other ranks' raw samples, and let a sum
     aggregation that works on per-rank rows (mean and DP-FedAvg: partial sums; Krum and
     Multi-Krum: distance blocks) do so instead of gathering ``U`` when no update stage
-    (``reads_rows``) or audit reads the whole ``U`` (``--dist_gather`` always gathers)."""
+    (``reads_rows``) or audit reads the whole ``U`` (``--dist_gather`` always gathers). Update
+    stages with a ``sharding`` attribute (the Byzantine attack: statistics by collectives) then
+    get per-rank rows too."""
     if not isinstance(trainer, ShardedTrainer):
         return
     need(cfg.soteria_rate is None, "--soteria_rate reads every cohort client's raw samples, which sharded processes do not "
@@ -107,6 +109,9 @@ def shard_rounds(cfg: Config, trainer: Trainer, pipeline: Pipeline) -> None:
     if not cfg.dist_gather and not reads_U and not pipeline.audits and getattr(agg, "sums_rows", False):
         trainer.reduce = True
         agg.sharding = trainer.sharding
+        for stage in pipeline.update_stages:  # those that work on per-rank rows (an attack's collectives)
+            if hasattr(stage, "sharding"):
+                stage.sharding = trainer.sharding
 
 
 class Simulator(RoundLoop):

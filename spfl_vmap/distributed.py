@@ -22,8 +22,11 @@ split:
   rows and one ``all_reduce`` adds the partial sums (``RobustAggregation.sharded_mean``,
   ``DPFedAvg.sharded_apply``).
   DP-FedAvg's noise is drawn from ``(seed, "dp-fedavg", round)`` after the reduction and added
-  once. Every other rule (Krum, Bulyan, median, trimmed mean, FLAME, FLTrust, ...), every attack
-  and every update stage sees all of ``U``, gathered.
+  once. Krum and Multi-Krum select from ``(N, N)`` distances computed in per-rank row blocks
+  (:meth:`Sharding.sqdist`) and reduce the selected rows. Byzantine attacks (all but
+  ``agr_tal``) rewrite each rank's own malicious rows, the benign statistics taken by
+  collectives (``spfl_vmap.attacks.Cohort``). Every other rule (Bulyan, median, trimmed mean,
+  FLAME, FLTrust, ...) and every other update stage sees all of ``U``, gathered.
 
 Equality with the one-process run: local training is per client, so each client's row of ``U``
 is bit-identical; with every row gathered (any rule, or ``--dist_gather``) the whole run is
@@ -255,8 +258,12 @@ class Sharding:
 
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
         """``partial`` summed over the ranks (every rank receives the same bits)."""
-        out = partial.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return self.reduce(partial, "sum")
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
+        """``t`` reduced elementwise over the ranks: ``op`` is ``sum``, ``max`` or ``min``."""
+        out = t.clone()
+        dist.all_reduce(out, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
         return out
 
 

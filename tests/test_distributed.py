@@ -33,6 +33,7 @@ import torch
 
 from spfl_vmap import Config, ConfigError, run
 from spfl_vmap import distributed as sd
+from spfl_vmap.attacks import attack
 from spfl_vmap.data import pack_clients
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,6 +49,11 @@ CONFIGS = {
     "fedavg_lr": {},
     "fedavg_cnn": dict(model="cnn", synthetic_train=240, client_num_in_total=6, client_num_per_round=4),
     "krum_gaussian": dict(by_attack="gaussian", by_defense="krum", by_frac=0.25, by_mode="per_round"),
+    # attacks on per-process rows, their statistics by collectives (U never whole)
+    "alie_mean": dict(by_attack="alie", by_frac=0.25, by_mode="per_round"),
+    "min_max_multi_krum": dict(by_attack="min_max", by_defense="multi_krum", by_frac=0.25, by_mode="per_round"),
+    "ipm_dp_fedavg": dict(by_attack="ipm", by_attack_params="epsilon=2", by_frac=0.25, by_mode="per_round",
+                          dp_mode="user", dp_sigma=0.5, grad_norm=0.5),
     # no update stage: distances in per-process blocks, the selected rows all_reduced (U never whole)
     "krum_blocks": dict(by_defense="krum", by_f=1),
     "multi_krum_blocks": dict(by_defense="multi_krum", by_f=1),
@@ -55,6 +61,26 @@ CONFIGS = {
     "dp_sgd": dict(dp_mode="example", dp_sigma=0.8, grad_norm=1.0),
     "dba_backdoor": dict(bd_attack="dba", by_frac=0.25, by_mode="per_round", bd_boost=2.0),
 }
+
+#: runs whose rows stay in their processes (partial sums, distance blocks, attack statistics by collectives)
+ROW_SHARDED = ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks", "krum_gaussian",
+               "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg")
+
+#: Attacks on a cohort of 11 rows split over 2 processes (``owner``: each row's rank). Layout
+#: "attackers0": rank 0 holds exactly the malicious rows, so it holds no benign row (omniscient
+#: statistics come wholly from rank 1) and rank 1 no malicious one; "mixed": both hold both.
+ATTACK_LAYOUTS = {"attackers0": [0, 1, 1, 0, 1, 1, 1, 0, 1, 1, 1], "mixed": [1, 0, 1, 1, 0, 0, 1, 0, 1, 1, 0]}
+ATTACK_MALICIOUS = [0, 3, 7]
+SHARDED_ATTACKS = [
+    ("gaussian", {}), ("sign_flip", {}), ("label_flip", {}), ("alie", {}), ("ipm", {}),
+    ("min_max", {}), ("min_max", {"perturbation": "sign"}), ("min_sum", {"perturbation": "std"}),
+    ("fang", {"aggregator": "krum"}), ("fang", {"aggregator": "trimmed_mean"}), ("nan", {}), ("inf", {}),
+]
+ATTACK_CASES = [
+    {"id": f"{name}{kw}-{know}-{layout}", "attack": name, "owner": owner, "malicious": ATTACK_MALICIOUS, "dim": 29,
+     "seed": 11 + i, "kwargs": {**kw, "knowledge": know, "f": 3}}
+    for i, (name, kw) in enumerate(SHARDED_ATTACKS) for know in ("omniscient", "partial") for layout, owner in ATTACK_LAYOUTS.items()
+]
 
 
 def free_port() -> int:
@@ -89,6 +115,7 @@ def job(tmp_path_factory):
     ]
     spec = {
         "runs": runs + [{"config": {**BASE, **kw}, "result": str(tmp / f"{name}.pt")} for name, kw in CONFIGS.items()],
+        "attacks": {"cases": ATTACK_CASES, "result": str(tmp / "attacks.pt")},
         "fail": {"rank": 1, "round": 2, "config": BASE},
     }
     (tmp / "spec.json").write_text(json.dumps(spec))
@@ -120,21 +147,43 @@ def test_sharded_run_equals_one_process(job, name):
         for g, r in zip(got["rows"], ref["rows"]):
             assert (g["test_acc"], g["test_loss"], g["train_loss"]) == (r["test_acc"], r["test_loss"], r["train_loss"])
     else:  # partial sums all_reduced: equal to float rounding
-        assert name in ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks"), mode
+        assert name in ROW_SHARDED, mode
         for k in ref["model"]:
             assert rel(got["model"][k], ref["model"][k]) <= 1e-6, k
         for g, r in zip(got["rows"], ref["rows"]):
             assert g["test_acc"] == r["test_acc"]
             assert g["test_loss"] == pytest.approx(r["test_loss"], rel=1e-6)
             assert g["train_loss"] == pytest.approx(r["train_loss"], rel=1e-6)
-    if name == "krum_gaussian":
+    if name in ROW_SHARDED:  # nothing in these runs needs all of U in one process
+        assert not mode.startswith("all_gather"), mode
+    if "krum" in name and cfg.by_attack != "none":
         assert [r["malicious_selected"] for r in got["rows"]] == [r["malicious_selected"] for r in ref["rows"]]
+    for key in ("malicious", "attack_z", "attack_gamma"):
+        assert [r.get(key) for r in got["rows"]] == [pytest.approx(r[key], rel=1e-6) if key in r else None for r in ref["rows"]], key
     if name.endswith("krum_blocks"):  # the same clients selected from the block distances
         assert not mode.startswith("all_gather"), mode
         assert [r["selected_ids"] for r in got["rows"]] == [r["selected_ids"] for r in ref["rows"]]
         assert all(0 < len(r["selected_ids"]) < cfg.client_num_per_round or name == "krum_blocks" for r in got["rows"])
     if name == "dp_fedavg":  # the noise is in the release once: twice would be sqrt(2) times as large
         assert [r["dp_cohort"] for r in got["rows"]] == [r["dp_cohort"] for r in ref["rows"]]
+
+
+@pytest.mark.parametrize("case", ATTACK_CASES, ids=[c["id"] for c in ATTACK_CASES])
+def test_sharded_attack_equals_one_process(job, case):
+    """Each rank rewrote its own malicious rows from statistics taken by collectives: the rows
+    equal the attack on the whole ``U`` in one process (to the order of additions), and so do
+    the metrics."""
+    got, got_m = torch.load(job["dir"] / "attacks.pt", weights_only=False)[case["id"]]
+    N = len(case["owner"])
+    U = torch.randn(N, case["dim"], generator=torch.Generator().manual_seed(case["seed"]))
+    mal = torch.zeros(N, dtype=torch.bool)
+    mal[case["malicious"]] = True
+    ref, ref_m = attack(case["attack"], U, mal, generator=torch.Generator().manual_seed(7), **case["kwargs"])
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert torch.equal(got[~mal], U[~mal])  # benign rows untouched
+    assert got_m.keys() == ref_m.keys()
+    for k, v in ref_m.items():
+        assert got_m[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
 
 
 def test_cli_under_two_processes_is_bit_identical_and_rank0_writes(job):

@@ -34,6 +34,12 @@ attack that does not take them; any other key the attack does not take, or a val
 type, is a :class:`~spfl_vmap.errors.ConfigError` naming it (a misspelled hyperparameter is never
 ignored).
 
+:func:`attack_cohort` runs an attack on a :class:`Cohort` sharded over processes (under torchrun):
+each rank rewrites its own malicious rows and the statistics of the known rows (means, standard
+deviations, extremes, pairwise distances) come through collectives, so ``U`` is never gathered.
+Every attack but ``agr_tal`` (which simulates the aggregator on whole rows) has that path
+(:func:`shards_rows`).
+
 :func:`attackers_quantile` sizes ``f`` for sampled cohorts: the ``q``-quantile of the
 hypergeometric number of malicious clients in a cohort.
 
@@ -44,12 +50,14 @@ Backdoor (trigger) poisoning lives in :mod:`spfl_vmap.attacks.backdoor`: trigger
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
 
+from ..errors import ConfigError
 from ..aggregators._base import check_matrix, check_weights, resolve_kwargs
-from ._base import ATTACKS, ENGINE_KWARGS, KNOWLEDGE, attackers_quantile
+from ._base import ATTACKS, ENGINE_KWARGS, KNOWLEDGE, Cohort, Rows, attackers_quantile
 from .agr_tailored import AGR_TAL_RULES, agr_tal
 from .backdoor import TRIGGERS, apply_trigger, attack_success, dba_parts, poison_batch, poison_rows, trigger_mask
 from .byzantine import (
@@ -72,6 +80,7 @@ from .byzantine import (
 __all__ = [
     "AGR_TAL_RULES",
     "ATTACKS",
+    "Cohort",
     "ENGINE_KWARGS",
     "KNOWLEDGE",
     "TRIGGERS",
@@ -97,6 +106,9 @@ __all__ = [
     "none",
     "poison_batch",
     "poison_rows",
+    "Rows",
+    "attack_cohort",
+    "shards_rows",
     "sign_flip",
     "trigger_mask",
 ]
@@ -130,3 +142,27 @@ def attack(name: str, U: torch.Tensor, malicious: torch.Tensor, **kwargs: Any) -
 def data_poison(name: str) -> Callable[[torch.Tensor, int], torch.Tensor] | None:
     """The label-poisoning function an attack needs during local training, or ``None``."""
     return getattr(ATTACKS.get(name), "data_poison", None)
+
+
+def shards_rows(name: str) -> bool:
+    """Whether attack ``name`` runs on a sharded :class:`Cohort` (its ``on_cohort`` core)."""
+    return hasattr(ATTACKS.get(name), "on_cohort")
+
+
+def attack_cohort(name: str, cohort: Cohort, **kwargs: Any) -> tuple[torch.Tensor, dict]:
+    """Attack ``name`` on ``cohort``: under torchrun this rank's rows, rewritten with statistics
+    taken over every rank's rows by collectives; every rank must call it for the same round.
+
+    The keyword arguments are those of :func:`attack`; the ones the attack's core does not use
+    are dropped.
+
+    Returns:
+        ``(U (n_r, D) with this rank's malicious rows rewritten, metrics)``, the metrics the same
+        on every rank.
+    """
+    fn = ATTACKS.get(name)
+    core = getattr(fn, "on_cohort", None)
+    if core is None:
+        raise ConfigError(f"attack {name!r} needs every update row in one process; it has no sharded path")
+    resolve_kwargs(fn, kwargs, ENGINE_KWARGS, f"attack {name!r}")  # the public signature's checks
+    return core(cohort, **{k: v for k, v in kwargs.items() if k in inspect.signature(core).parameters})

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
+
+from spfl_kernels import pairwise_sqdist
 
 from ..rng import default_generator  # noqa: F401  (re-exported for this package)
 
@@ -120,3 +124,158 @@ def with_rows(U: torch.Tensor, mal: torch.Tensor, rows: torch.Tensor) -> torch.T
     return out
 
 
+
+
+# ---- the attacker's view of a cohort, in one process or sharded over processes --------------
+class Collectives(Protocol):
+    """What sharded attacks need of :class:`spfl_vmap.distributed.Sharding` (kept as a protocol
+    so that attacks do not import the distributed module)."""
+
+    rank: int
+
+    def gather_rows(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor: ...
+
+    def sqdist(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor: ...
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor: ...
+
+
+class Rows:
+    """A set of ``n`` update rows the attacker knows, and the statistics attacks take of them.
+
+    In one process it holds all of them, ``X (n, D)`` fp32, and each statistic is the plain torch
+    expression the attacks always used. Under torchrun each rank holds its own share
+    ``X (n_r, D)`` (``parts``: every rank's positions among the ``n`` rows) and the statistics
+    come from collectives, so no rank holds all rows: sums ``all_reduce`` per-rank ``(D,)``
+    partial sums (the standard deviation in two passes, as torch's), coordinate-wise extremes
+    ``all_reduce`` with max/min, per-row values are gathered (``(n,)``) and pairwise distances
+    come in per-rank blocks (:meth:`~spfl_vmap.distributed.Sharding.sqdist`). The results equal
+    the one-process ones up to the order of the additions.
+    """
+
+    def __init__(self, X: torch.Tensor, n: Optional[int] = None, sh: Optional[Collectives] = None,
+                 parts: Optional[list[list[int]]] = None) -> None:
+        self.X = X  # (n_r, D) fp32: the rows held here
+        self.n = X.shape[0] if n is None else n
+        self.sh, self.parts = sh, parts
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(D,)`` coordinate-wise mean, computed in ``dtype``."""
+        if self.sh is None:
+            return self.X.to(dtype).mean(dim=0)
+        return self.sh.reduce(self.X.to(dtype).sum(dim=0), "sum") / self.n
+
+    def std(self) -> torch.Tensor:
+        """``(D,)`` coordinate-wise sample standard deviation (Bessel); zeros for one row."""
+        if self.sh is None:
+            return std_rows(self.X)
+        if self.n < 2:
+            return torch.zeros(self.dim, dtype=self.X.dtype, device=self.X.device)
+        mu = self.mean()
+        return (self.sh.reduce(((self.X - mu) ** 2).sum(dim=0), "sum") / (self.n - 1)).sqrt()
+
+    def max(self) -> torch.Tensor:
+        """``(D,)`` coordinate-wise maximum."""
+        return self._extreme("max")
+
+    def min(self) -> torch.Tensor:
+        """``(D,)`` coordinate-wise minimum."""
+        return self._extreme("min")
+
+    def _extreme(self, op: str) -> torch.Tensor:
+        if self.sh is None:
+            return getattr(self.X, op)(dim=0).values
+        if self.X.shape[0]:
+            local = getattr(self.X, op)(dim=0).values
+        else:  # no known row here: the identity of the reduction
+            local = torch.full((self.dim,), -math.inf if op == "max" else math.inf, dtype=self.X.dtype, device=self.X.device)
+        return self.sh.reduce(local, op)
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """The ``(n,)`` values of every row, from ``values (n_r,)`` of the rows held here."""
+        return values if self.sh is None else self.sh.gather_rows(values, self.parts)
+
+    def sqdist(self) -> torch.Tensor:
+        """``(n, n)`` pairwise squared Euclidean distances (fp32)."""
+        return pairwise_sqdist(self.X) if self.sh is None else self.sh.sqdist(self.X, self.parts)
+
+
+@dataclass
+class Cohort:
+    """The attacker's view of a round's update rows ``U``.
+
+    In one process (:meth:`local`) ``U`` is all ``N`` rows. Under torchrun (:meth:`sharded`) it is
+    this rank's rows ``(n_r, D)``; the malicious mask of the whole cohort is known on every rank,
+    the statistics of the known rows come through collectives (:meth:`known`) and each rank
+    rewrites its own malicious rows (:meth:`write`), so attacks never gather ``U``.
+    """
+
+    U: torch.Tensor  # (n_r, D) the rows held here (all N in one process)
+    mal: torch.Tensor  # (n_r,) bool: which of them are malicious
+    mal_all: torch.Tensor  # (N,) bool: the cohort's mask
+    sh: Optional[Collectives] = None
+    parts: Optional[list[list[int]]] = None  # every rank's cohort positions, ascending
+
+    @classmethod
+    def local(cls, U: torch.Tensor, malicious: torch.Tensor, knowledge: str) -> "Cohort":
+        """All of ``U [N, D]`` in one process (inputs validated by :func:`check_inputs`)."""
+        mal = check_inputs(U, malicious, knowledge)
+        return cls(U, mal, mal)
+
+    @classmethod
+    def sharded(cls, U: torch.Tensor, malicious: torch.Tensor, sh: Collectives, parts: list[list[int]]) -> "Cohort":
+        """This rank's rows ``U (n_r, D)`` at cohort positions ``parts[sh.rank]`` of a cohort
+        with mask ``malicious (N,)``."""
+        mal_all = malicious.to(device=U.device, dtype=torch.bool).reshape(-1)
+        mine = torch.tensor(parts[sh.rank], dtype=torch.long, device=U.device)
+        return cls(U, mal_all[mine], mal_all, sh, parts)
+
+    @property
+    def N(self) -> int:
+        return self.mal_all.numel()
+
+    @property
+    def n_mal(self) -> int:
+        return int(self.mal_all.sum())
+
+    @property
+    def dim(self) -> int:
+        return self.U.shape[1]
+
+    def planned(self, f: int) -> int:
+        """The Byzantine count the attack plans for: ``f`` if given (> 0), else the malicious count."""
+        return int(f) if int(f) > 0 else self.n_mal
+
+    def known(self, knowledge: str) -> Rows:
+        """The rows the attacker may use (see :func:`known_rows`), as :class:`Rows`."""
+        if self.sh is None:
+            return Rows(known_rows(self.U, self.mal, knowledge))
+        use = ~self.mal_all if knowledge == "omniscient" and self.n_mal < self.N else self.mal_all  # (N,)
+        order = torch.cumsum(use.long(), 0) - 1  # (N,) position among the known rows
+        parts = []
+        for pos in self.parts:
+            p = torch.tensor(pos, dtype=torch.long, device=use.device)
+            parts.append(order[p][use[p]].tolist())
+        here = use[torch.tensor(self.parts[self.sh.rank], dtype=torch.long, device=use.device)]
+        return Rows(self.U[here].float(), int(use.sum()), self.sh, parts)
+
+    def mine(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's part ``(n_mal_r, D)`` of ``rows (n_mal, D)``, one per malicious row of the
+        cohort in cohort order (drawn identically on every rank)."""
+        if self.sh is None:
+            return rows
+        order = torch.cumsum(self.mal_all.long(), 0) - 1  # (N,)
+        mine = torch.tensor(self.parts[self.sh.rank], dtype=torch.long, device=self.mal_all.device)
+        return rows[order[mine][self.mal].to(rows.device)]
+
+    def write(self, rows: torch.Tensor) -> torch.Tensor:
+        """A copy of ``U`` whose malicious rows held here are ``rows``: ``(D,)`` (or a scalar)
+        broadcast, or ``(n_mal_r, D)``."""
+        return with_rows(self.U, self.mal, rows)
+
+    def unchanged(self) -> tuple[torch.Tensor, dict]:
+        return self.U.clone(), {}

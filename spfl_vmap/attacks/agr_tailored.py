@@ -18,7 +18,7 @@ from spfl_kernels import order_stats, pairwise_sqdist
 
 from ..aggregators import AGGREGATORS, krum_scores, krum_select_batch, required_clients
 from ..errors import ConfigError
-from ._base import ATTACKS, check_inputs, known_rows, n_byzantine, with_rows
+from ._base import ATTACKS, Rows, check_inputs, known_rows, n_byzantine, with_rows
 from .byzantine import _perturbation, max_feasible
 
 #: Aggregators AGR-TAL can tailor to: selection rules (the crafted rows must be selected) and
@@ -250,7 +250,7 @@ def agr_tal(
     c = int(mal.sum())
     if c == 0 or c == U.shape[0] or X.shape[0] == 0:  # no attacker, or no benign row to beat
         return U.clone(), {}
-    p = _perturbation(X, perturbation)  # (D,); validates the name
+    p = _perturbation(Rows(X), perturbation)  # (D,); validates the name
     n = U.shape[0]
     sim = _Simulation(X, p, n - c, c, _sim_f(aggregator, n_byzantine(mal, f), n))
     moving = float(p.norm()) > 0.0  # a zero direction (e.g. ``std`` of one known row): stay at mu

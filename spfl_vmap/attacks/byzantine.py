@@ -21,19 +21,9 @@ from typing import Callable
 
 import torch
 
-from spfl_kernels import pairwise_sqdist
-
 from ..aggregators import krum_scores
 from ..errors import ConfigError
-from ._base import (
-    ATTACKS,
-    check_inputs,
-    default_generator,
-    known_rows,
-    n_byzantine,
-    std_rows,
-    with_rows,
-)
+from ._base import ATTACKS, Cohort, Rows, default_generator
 
 KRUM_LIKE = ("krum", "multi_krum", "bulyan")
 
@@ -58,8 +48,14 @@ def none(
     aggregator: str = "mean",
 ) -> tuple[torch.Tensor, dict]:
     """No attack: returns a copy of ``U``."""
-    check_inputs(U, malicious, knowledge)
-    return U.clone(), {}
+    return Cohort.local(U, malicious, knowledge).unchanged()
+
+
+def _unchanged(c: Cohort, **_engine: object) -> tuple[torch.Tensor, dict]:
+    return c.unchanged()
+
+
+none.on_cohort = _unchanged  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("gaussian")
@@ -94,10 +90,16 @@ def gaussian(
     Returns:
         ``([N, D] attacked U, {})``.
     """
-    mal = check_inputs(U, malicious, knowledge)
-    g = default_generator(generator)
-    rows = sigma * _randn((int(mal.sum()), U.shape[1]), g, U.device)
-    return with_rows(U, mal, rows), {}
+    return _gaussian(Cohort.local(U, malicious, knowledge), generator=generator, sigma=sigma)
+
+
+def _gaussian(c: Cohort, *, generator: torch.Generator | None = None, sigma: float = 200.0) -> tuple[torch.Tensor, dict]:
+    # every rank draws the cohort's n_mal rows in cohort order and keeps its own
+    rows = sigma * _randn((c.n_mal, c.dim), default_generator(generator), c.U.device)  # (n_mal, D)
+    return c.write(c.mine(rows)), {}
+
+
+gaussian.on_cohort = _gaussian  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("sign_flip")
@@ -118,8 +120,14 @@ def sign_flip(
     Returns:
         ``([N, D] attacked U, {})``.
     """
-    mal = check_inputs(U, malicious, knowledge)
-    return with_rows(U, mal, -scale * U[mal].float()), {}
+    return _sign_flip(Cohort.local(U, malicious, knowledge), scale=scale)
+
+
+def _sign_flip(c: Cohort, *, scale: float = 1.0) -> tuple[torch.Tensor, dict]:
+    return c.write(-scale * c.U[c.mal].float()), {}
+
+
+sign_flip.on_cohort = _sign_flip  # type: ignore[attr-defined]
 
 
 def flip_labels(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -155,11 +163,11 @@ def label_flip(
     Returns:
         ``([N, D] copy of U, {})``.
     """
-    check_inputs(U, malicious, knowledge)
-    return U.clone(), {}
+    return Cohort.local(U, malicious, knowledge).unchanged()
 
 
 label_flip.data_poison = flip_labels  # type: ignore[attr-defined]
+label_flip.on_cohort = _unchanged  # type: ignore[attr-defined]
 
 
 def alie_z(n: int, f: int) -> float:
@@ -206,12 +214,18 @@ def alie(
     Returns:
         ``([N, D] attacked U, {"z": float})``.
     """
-    mal = check_inputs(U, malicious, knowledge)
-    X = known_rows(U, mal, knowledge)  # (n_known, D)
-    if X.shape[0] == 0:
-        return U.clone(), {}
-    zz = alie_z(U.shape[0], n_byzantine(mal, f)) if z is None else float(z)
-    return with_rows(U, mal, X.mean(dim=0) - zz * std_rows(X)), {"z": zz}
+    return _alie(Cohort.local(U, malicious, knowledge), knowledge=knowledge, f=f, z=z)
+
+
+def _alie(c: Cohort, *, knowledge: str = "omniscient", f: int = 0, z: float | None = None) -> tuple[torch.Tensor, dict]:
+    X = c.known(knowledge)  # n_known rows
+    if X.n == 0:
+        return c.unchanged()
+    zz = alie_z(c.N, c.planned(f)) if z is None else float(z)
+    return c.write(X.mean() - zz * X.std()), {"z": zz}
+
+
+alie.on_cohort = _alie  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("ipm")
@@ -236,19 +250,26 @@ def ipm(
     Returns:
         ``([N, D] attacked U, {})``.
     """
-    mal = check_inputs(U, malicious, knowledge)
-    X = known_rows(U, mal, knowledge)
-    if X.shape[0] == 0:
-        return U.clone(), {}
-    return with_rows(U, mal, -epsilon * X.mean(dim=0)), {}
+    return _ipm(Cohort.local(U, malicious, knowledge), knowledge=knowledge, epsilon=epsilon)
 
 
-def _perturbation(X: torch.Tensor, kind: str) -> torch.Tensor:
-    mu = X.mean(dim=0)
+def _ipm(c: Cohort, *, knowledge: str = "omniscient", epsilon: float = 0.1) -> tuple[torch.Tensor, dict]:
+    X = c.known(knowledge)
+    if X.n == 0:
+        return c.unchanged()
+    return c.write(-epsilon * X.mean()), {}
+
+
+ipm.on_cohort = _ipm  # type: ignore[attr-defined]
+
+
+def _perturbation(X: Rows, kind: str) -> torch.Tensor:
+    """The ``(D,)`` direction ``p`` of Shejwalkar & Houmansadr's attacks, from the known rows."""
+    mu = X.mean()
     if kind == "unit_vec":
         return -mu / mu.norm().clamp_min(1e-12)
     if kind == "std":
-        return -std_rows(X)
+        return -X.std()
     if kind == "sign":
         return -torch.sign(mu)
     raise ConfigError(f"perturbation must be one of unit_vec, std, sign; got {kind!r}")
@@ -290,21 +311,18 @@ def max_feasible(ok: Callable[[torch.Tensor], torch.Tensor], tol: float, rounds:
     return lo
 
 
-def _gamma_attack(
-    U: torch.Tensor, malicious: torch.Tensor, knowledge: str, perturbation: str, tol: float, kind: str
-) -> tuple[torch.Tensor, dict]:
-    mal = check_inputs(U, malicious, knowledge)
-    X = known_rows(U, mal, knowledge)  # (n, D)
-    if X.shape[0] == 0 or not bool(mal.any()):
-        return U.clone(), {}
+def _gamma_attack(c: Cohort, knowledge: str, perturbation: str, tol: float, kind: str) -> tuple[torch.Tensor, dict]:
+    X = c.known(knowledge)  # n known rows
+    if X.n == 0 or c.n_mal == 0:
+        return c.unchanged()
     p = _perturbation(X, perturbation).double()  # (D,)
-    Xd = X.double()
-    mu = Xd.mean(dim=0)
+    Xd = X.X.double()  # (n_r, D) the known rows held here
+    mu = X.mean(torch.float64)
     # |mu + g p - x_i|^2 = A_i + 2 g B_i + g^2 C: exact for every candidate g without a [K, n, D] tensor.
-    A = ((mu - Xd) ** 2).sum(dim=1)  # (n,)
-    B = (mu - Xd) @ p  # (n,)
+    A = X.per_row(((mu - Xd) ** 2).sum(dim=1))  # (n,)
+    B = X.per_row((mu - Xd) @ p)  # (n,)
     C = p @ p
-    P = pairwise_sqdist(X).double()  # (n, n)
+    P = X.sqdist().double()  # (n, n)
     if kind == "min_max":
         thr = P.max()
 
@@ -319,7 +337,7 @@ def _gamma_attack(
             return (A + 2 * g * B + g * g * C).sum(dim=1) <= thr
 
     gamma = max_feasible(ok, tol)
-    return with_rows(U, mal, mu + gamma * p), {"gamma": gamma}
+    return c.write(mu + gamma * p), {"gamma": gamma}
 
 
 @ATTACKS.register("min_max")
@@ -361,7 +379,14 @@ def min_max(
     Returns:
         ``([N, D] attacked U, {"gamma": float})``.
     """
-    return _gamma_attack(U, malicious, knowledge, perturbation, tol, "min_max")
+    return _min_max(Cohort.local(U, malicious, knowledge), knowledge=knowledge, perturbation=perturbation, tol=tol)
+
+
+def _min_max(c: Cohort, *, knowledge: str = "omniscient", perturbation: str = "unit_vec", tol: float = 1e-4) -> tuple[torch.Tensor, dict]:
+    return _gamma_attack(c, knowledge, perturbation, tol, "min_max")
+
+
+min_max.on_cohort = _min_max  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("min_sum")
@@ -386,14 +411,21 @@ def min_sum(
     Returns:
         ``([N, D] attacked U, {"gamma": float})``.
     """
-    return _gamma_attack(U, malicious, knowledge, perturbation, tol, "min_sum")
+    return _min_sum(Cohort.local(U, malicious, knowledge), knowledge=knowledge, perturbation=perturbation, tol=tol)
 
 
-def _fang_trimmed(X: torch.Tensor, c: int, knowledge: str, b: float, g: torch.Generator) -> torch.Tensor:
-    mu = X.mean(dim=0)  # (D,)
+def _min_sum(c: Cohort, *, knowledge: str = "omniscient", perturbation: str = "unit_vec", tol: float = 1e-4) -> tuple[torch.Tensor, dict]:
+    return _gamma_attack(c, knowledge, perturbation, tol, "min_sum")
+
+
+min_sum.on_cohort = _min_sum  # type: ignore[attr-defined]
+
+
+def _fang_trimmed(X: Rows, c: int, knowledge: str, b: float, g: torch.Generator) -> torch.Tensor:
+    mu = X.mean()  # (D,)
     up = mu <= 0  # push a coordinate up where the benign direction s_j is not positive
     if knowledge == "omniscient":
-        w_max, w_min = X.max(dim=0).values, X.min(dim=0).values
+        w_max, w_min = X.max(), X.min()
         # Values beyond the benign extremes, by up to a factor b (Fang et al. 2020, Section 4.2).
         up_lo = torch.where(w_max > 0, w_max, w_max / b)
         up_hi = torch.where(w_max > 0, b * w_max, w_max)
@@ -402,40 +434,42 @@ def _fang_trimmed(X: torch.Tensor, c: int, knowledge: str, b: float, g: torch.Ge
     else:
         # Partial knowledge: the paper estimates the benign spread from the attacker's own honest
         # updates and samples in [mu + 3 sigma, mu + 4 sigma] (or the mirror interval).
-        sd = std_rows(X)
+        sd = X.std()
         up_lo, up_hi = mu + 3 * sd, mu + 4 * sd
         dn_lo, dn_hi = mu - 4 * sd, mu - 3 * sd
     lo = torch.where(up, up_lo, dn_lo)  # (D,)
     hi = torch.where(up, up_hi, dn_hi)
-    return lo + (hi - lo) * _rand((c, X.shape[1]), g, X.device)  # (c, D)
+    return lo + (hi - lo) * _rand((c, X.dim), g, X.X.device)  # (c, D)
 
 
 def _fang_krum(
-    X: torch.Tensor, n_total: int, c: int, f: int, lambda_tol: float
+    X: Rows, n_total: int, c: int, f: int, lambda_tol: float
 ) -> tuple[torch.Tensor, float, float, bool]:
     """``-lambda * s`` with the largest ``lambda`` (halving from Fang's upper bound) for which
     Krum selects a crafted row among ``[X; c crafted copies]``."""
-    n_b, d = X.shape
-    s = torch.sign(X.mean(dim=0))  # (D,) benign direction of change
-    Dbb = pairwise_sqdist(X).double()  # (n_b, n_b)
+    n_b, d = X.n, X.dim
+    dev = X.X.device
+    s = torch.sign(X.mean())  # (D,) benign direction of change
+    Dbb = X.sqdist().double()  # (n_b, n_b)
     # Fang et al. 2020, Eq. for the upper bound of lambda (Euclidean, not squared, distances).
     k = min(max(n_total - c - 2, 1), n_b - 1)
     if k >= 1:
-        dist = Dbb.sqrt() + torch.diag(torch.full((n_b,), float("inf"), dtype=torch.float64, device=X.device))
+        dist = Dbb.sqrt() + torch.diag(torch.full((n_b,), float("inf"), dtype=torch.float64, device=dev))
         term1 = torch.topk(dist, k, dim=1, largest=False).values.sum(dim=1).min() / (max(n_total - 2 * c - 1, 1) * math.sqrt(d))
     else:
-        term1 = torch.zeros((), dtype=torch.float64, device=X.device)
-    term2 = X.double().norm(dim=1).max() / math.sqrt(d)
+        term1 = torch.zeros((), dtype=torch.float64, device=dev)
+    Xd = X.X.double()  # (n_r, D) the known rows held here
+    term2 = X.per_row(Xd.norm(dim=1)).max() / math.sqrt(d)
     lam0 = float(term1 + term2)
     if lam0 <= lambda_tol:
         return -lam0 * s, lam0, lam0, False
     K = int(math.floor(math.log2(lam0 / lambda_tol))) + 1
-    lams = lam0 * 0.5 ** torch.arange(K, dtype=torch.float64, device=X.device)  # (K,)
+    lams = lam0 * 0.5 ** torch.arange(K, dtype=torch.float64, device=dev)  # (K,)
     # All halvings at once: |-lam s - x_i|^2 = lam^2 |s|^2 + 2 lam s.x_i + |x_i|^2.
-    Xd = X.double()
-    Dcb = lams[:, None] ** 2 * (s.double() @ s.double()) + 2 * lams[:, None] * (Xd @ s.double())[None] + (Xd * Xd).sum(1)[None]  # (K, n_b)
+    xs, xx = X.per_row(Xd @ s.double()), X.per_row((Xd * Xd).sum(1))  # (n_b,) each
+    Dcb = lams[:, None] ** 2 * (s.double() @ s.double()) + 2 * lams[:, None] * xs[None] + xx[None]  # (K, n_b)
     n = n_b + c
-    Dall = torch.zeros((K, n, n), dtype=torch.float64, device=X.device)
+    Dall = torch.zeros((K, n, n), dtype=torch.float64, device=dev)
     Dall[:, :n_b, :n_b] = Dbb
     Dall[:, n_b:, :n_b] = Dcb[:, None, :]
     Dall[:, :n_b, n_b:] = Dcb[:, :, None]
@@ -495,21 +529,28 @@ def fang(
         ``{"variant": "krum", "lambda": float, "lambda_max": float (the upper bound),
         "krum_success": bool}``.
     """
-    mal = check_inputs(U, malicious, knowledge)
+    return _fang(Cohort.local(U, malicious, knowledge), generator=generator, knowledge=knowledge, f=f,
+                 aggregator=aggregator, b=b, variant=variant, lambda_tol=lambda_tol)
+
+
+def _fang(c: Cohort, *, generator: torch.Generator | None = None, knowledge: str = "omniscient", f: int = 0,
+          aggregator: str = "mean", b: float = 2.0, variant: str | None = None, lambda_tol: float = 1e-5) -> tuple[torch.Tensor, dict]:
     v = variant if variant is not None else ("krum" if aggregator in KRUM_LIKE else "trimmed_mean")
     if v not in ("krum", "trimmed_mean"):
         raise ConfigError(f"fang variant must be krum or trimmed_mean, got {v!r}")
     if b < 1:
         raise ConfigError(f"fang: b must be >= 1, got {b}")
-    X = known_rows(U, mal, knowledge)
-    c = int(mal.sum())
-    if c == 0 or X.shape[0] == 0:
-        return U.clone(), {}
+    X = c.known(knowledge)
+    if c.n_mal == 0 or X.n == 0:
+        return c.unchanged()
     if v == "trimmed_mean":
-        rows = _fang_trimmed(X, c, knowledge, b, default_generator(generator))
-        return with_rows(U, mal, rows), {"variant": v}
-    row, lam, lam0, success = _fang_krum(X, U.shape[0], c, n_byzantine(mal, f), lambda_tol)
-    return with_rows(U, mal, row), {"variant": v, "lambda": lam, "lambda_max": lam0, "krum_success": success}
+        rows = _fang_trimmed(X, c.n_mal, knowledge, b, default_generator(generator))  # (n_mal, D), drawn on every rank
+        return c.write(c.mine(rows)), {"variant": v}
+    row, lam, lam0, success = _fang_krum(X, c.N, c.n_mal, c.planned(f), lambda_tol)
+    return c.write(row), {"variant": v, "lambda": lam, "lambda_max": lam0, "krum_success": success}
+
+
+fang.on_cohort = _fang  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("nan")
@@ -524,8 +565,14 @@ def nan(
     aggregator: str = "mean",
 ) -> tuple[torch.Tensor, dict]:
     """Malformed updates: malicious rows full of NaN (tests the non-finite policy)."""
-    mal = check_inputs(U, malicious, knowledge)
-    return with_rows(U, mal, torch.tensor(float("nan"))), {}
+    return _nan(Cohort.local(U, malicious, knowledge))
+
+
+def _nan(c: Cohort) -> tuple[torch.Tensor, dict]:
+    return c.write(torch.tensor(float("nan"))), {}
+
+
+nan.on_cohort = _nan  # type: ignore[attr-defined]
 
 
 @ATTACKS.register("inf")
@@ -540,5 +587,11 @@ def inf(
     aggregator: str = "mean",
 ) -> tuple[torch.Tensor, dict]:
     """Malformed updates: malicious rows full of ``+inf``."""
-    mal = check_inputs(U, malicious, knowledge)
-    return with_rows(U, mal, torch.tensor(float("inf"))), {}
+    return _inf(Cohort.local(U, malicious, knowledge))
+
+
+def _inf(c: Cohort) -> tuple[torch.Tensor, dict]:
+    return c.write(torch.tensor(float("inf"))), {}
+
+
+inf.on_cohort = _inf  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..aggregators import AGGREGATORS, aggregate, check_clients, krum_scores, krum_select, normalise_weights, required_clients
-from ..attacks import ATTACKS, attack, attackers_quantile, data_poison
+from ..attacks import ATTACKS, Cohort, attack, attack_cohort, attackers_quantile, data_poison, shards_rows
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
 from ..data import dataset_meta, pack_clients
 from ..distributed import Sharding
@@ -189,6 +189,7 @@ class ByzantineAttack(UpdateStage):
     """Round step 6: the registered attack rewrites the malicious rows of ``U [N, D]``."""
 
     name = "byzantine_attack"
+    sharding: Optional[Sharding] = None  # set by the builder: ``apply`` then gets this rank's rows only
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -196,21 +197,25 @@ class ByzantineAttack(UpdateStage):
 
     @property
     def reads_rows(self) -> bool:
-        """Whether the stage reads ``U`` (with ``--by_attack none`` it only counts the malicious
-        clients, so sharded processes need not gather ``U`` for it)."""
-        return self.cfg.by_attack != "none"
+        """Whether the stage needs all of ``U`` in every process. Attacks with a sharded path
+        (:func:`~spfl_vmap.attacks.shards_rows`: all but ``agr_tal``) rewrite each rank's own
+        malicious rows from statistics taken by collectives, and ``--by_attack none`` only
+        counts the malicious clients, so sharded processes need not gather ``U`` for them."""
+        return self.cfg.by_attack != "none" and not shards_rows(self.cfg.by_attack)
 
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         malicious = ctx.malicious
         n_mal = int(malicious.sum())
         if self.cfg.by_attack == "none" or n_mal == 0:
             return U, {"malicious": n_mal}
-        U2, m = attack(
-            self.cfg.by_attack, U, malicious.to(U.device), weights=ctx.weights,
-            generator=ctx.generator("attack", device=U.device),
-            knowledge="omniscient" if self.cfg.all_grads else "partial", f=assumed_f(self.cfg),
-            aggregator=self.cfg.by_defense, **self.kwargs,
-        )
+        kwargs = dict(generator=ctx.generator("attack", device=U.device),
+                      knowledge="omniscient" if self.cfg.all_grads else "partial", f=assumed_f(self.cfg),
+                      aggregator=self.cfg.by_defense, **self.kwargs)
+        if self.sharding is not None:  # U is this rank's rows (n_r, D)
+            cohort = Cohort.sharded(U, malicious, self.sharding, self.sharding.rows(ctx.client_ids))
+            U2, m = attack_cohort(self.cfg.by_attack, cohort, **kwargs)
+        else:
+            U2, m = attack(self.cfg.by_attack, U, malicious.to(U.device), weights=ctx.weights, **kwargs)
         return U2, {"malicious": n_mal, **{f"attack_{k}": v for k, v in m.items() if isinstance(v, (int, float, str, bool))}}
 
 
