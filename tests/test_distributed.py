@@ -237,11 +237,12 @@ def test_killed_rank_ends_the_torchrun_job(tmp_path):
 
 
 def test_bench_scale_reports_each_process(tmp_path):
-    cmd = [sys.executable, "-m", "spfl_vmap", "bench", "scale", "--nproc", "2", "--clients", "8", "--repeats", "1", "--out", str(tmp_path)]
+    cmd = [sys.executable, "-m", "spfl_vmap", "bench", "scale", "--nproc", "2", "--clients", "8", "--repeats", "1",
+           "--by_attack", "alie", "--by_frac", "0.25", "--out", str(tmp_path)]
     p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     (row,) = json.loads((tmp_path / "scale_nproc.json").read_text())["rows"]
-    assert row["processes"] == 2 and row["clients"] == 8 and row["aggregation"] == "all_reduce of per-process sums"
+    assert row["processes"] == 2 and row["clients"] == 8 and row["aggregation"] == "all_reduce of per-process sums"  # ALIE on per-rank rows
     assert len(row["peak_rss_mb"]) == 2 and all(m > 0 for m in row["peak_rss_mb"]) and row["s_per_round"] > 0
 
 

@@ -18,7 +18,7 @@ from ..config import COMPILE_MODES, STRATEGIES
 from ..errors import ConfigError, SpflError
 from ..experiments.backdoor_curve import backdoor_curve, curve_configs, title_of, write_curve as write_backdoor_curve
 from ..experiments.bench import bench_engine, bench_scale, format_rows, plot_scale
-from ..experiments.bench_dist import bench_processes
+from ..experiments.bench_dist import bench_processes, workload_config
 from ..experiments.matrix import (
     BD,
     attack_names,
@@ -237,6 +237,10 @@ def cmd_bench_scale(argv: Sequence[str]) -> int:
     p.add_argument("--nproc", type=_ints, default=None,
                    help="comma-separated process counts, e.g. 1,2,4: whole rounds under torchrun with the clients sharded "
                         "over P processes (OMP threads per process: --threads, default 1); per-round time and peak memory per rank")
+    p.add_argument("--by_attack", default="none", help="with --nproc: a Byzantine attack in the timed rounds (e.g. alie)")
+    p.add_argument("--by_defense", default="mean", help="with --nproc: the aggregator (default mean)")
+    p.add_argument("--by_frac", type=float, default=0.0, help="with --nproc: the malicious share of each cohort (per_round mode)")
+    p.add_argument("--dist_gather", action="store_true", help="with --nproc: gather all of U in every process (the comparison)")
     ns = p.parse_args(argv)
     _check_model(ns.model)
     if not ns.clients or min(ns.clients) < 1:
@@ -264,12 +268,16 @@ def bench_scale_processes(ns: argparse.Namespace, device: str) -> int:
     if ns.dataset != "synthetic":
         raise ConfigError("--nproc runs on synthetic data (the homo workload of --clients x --steps x --batch_size)")
     threads = ns.threads or 1
+    byz = {"by_attack": ns.by_attack, "by_defense": ns.by_defense, "by_frac": ns.by_frac, "by_mode": "per_round",
+           "dist_gather": ns.dist_gather}
+    for n in ns.clients:  # the flags' own checks, before any process starts
+        workload_config(ns.model, n, ns.steps, ns.batch_size, 1, device, **byz)
     print(f"spfl bench scale: {ns.model}, {ns.steps} steps x batch {ns.batch_size}, {device}, processes {ns.nproc}, "
-          f"{threads} thread(s) each, median of {ns.repeats} rounds")
+          f"{threads} thread(s) each, median of {ns.repeats} rounds, attack {ns.by_attack}, aggregator {ns.by_defense}")
     rows = bench_processes(ns.model, ns.clients, ns.nproc, ns.steps, ns.batch_size, device, ns.repeats, threads,
-                           log=lambda s: print(s, flush=True))
+                           log=lambda s: print(s, flush=True), overrides=byz)
     meta = {"model": ns.model, "steps": ns.steps, "batch_size": ns.batch_size, "device": device, "threads_per_process": threads,
-            "rounds_timed": ns.repeats, "torch": torch.__version__}
+            "rounds_timed": ns.repeats, "torch": torch.__version__, **byz}
     write_json_result(str(Path(ns.out) / "scale_nproc.json"), {"config": meta, "rows": rows})
     return 0
 

@@ -33,18 +33,20 @@ from ..errors import SpflError
 from .bench import max_rss_bytes, reset_peak
 
 
-def workload_config(model: str, clients: int, steps: int, batch_size: int, rounds: int, device: str) -> Config:
+def workload_config(model: str, clients: int, steps: int, batch_size: int, rounds: int, device: str, **overrides: Any) -> Config:
     """FedAvg on synthetic data: ``clients`` clients, all in every round, ``steps`` full local
-    batches each; evaluation only at the last of ``rounds`` rounds."""
+    batches each; evaluation only at the last of ``rounds`` rounds. ``overrides``: other config
+    fields (an attack and an aggregator)."""
     n = clients * steps * batch_size
     return Config(dataset="synthetic", synthetic_train=n, synthetic_test=100, model=model, partition_method="homo",
                   client_num_in_total=clients, client_num_per_round=clients, comm_round=rounds, batch_size=batch_size,
-                  epochs=1, lr=0.01, device=device, progress=False, frequency_of_the_test=rounds + 1)
+                  epochs=1, lr=0.01, device=device, progress=False, frequency_of_the_test=rounds + 1, **overrides)
 
 
 def worker(spec: dict[str, Any], out_dir: str) -> None:
     """One rank of the benchmark: time ``spec["rounds"]`` rounds, write ``rank<r>.json``."""
-    cfg = workload_config(spec["model"], spec["clients"], spec["steps"], spec["batch_size"], spec["rounds"] + 2, spec["device"])
+    cfg = workload_config(spec["model"], spec["clients"], spec["steps"], spec["batch_size"], spec["rounds"] + 2, spec["device"],
+                          **spec.get("overrides", {}))
     sim = Simulator(cfg)
     sim.step()  # warm-up
     startup_peak = max_rss_bytes()  # loading, packing and the first round
@@ -67,6 +69,7 @@ def worker(spec: dict[str, Any], out_dir: str) -> None:
 def bench_processes(
     model: str, cohorts: Sequence[int], nprocs: Sequence[int], steps: int = 1, batch_size: int = 10, device: str = "cpu",
     rounds: int = 3, threads: int = 1, timeout_s: float = 1800.0, log: Callable[[str], None] = lambda s: None,
+    overrides: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Seconds per round and peak memory per rank for each process count and cohort size.
 
@@ -74,11 +77,13 @@ def bench_processes(
     time. Returns one row per (processes, clients) with ``s_per_round`` (rank 0's median),
     ``clients_per_s``, ``peak_rss_mb`` (per rank, whole process: loading included) and
     ``rounds_peak_rss_mb`` (per rank, the high-water mark during the timed rounds).
+    ``overrides``: config fields added to every job's workload (an attack and an aggregator).
     """
     rows = []
     for P in nprocs:
         for n in cohorts:
-            spec = {"model": model, "clients": n, "steps": steps, "batch_size": batch_size, "rounds": rounds, "device": device}
+            spec = {"model": model, "clients": n, "steps": steps, "batch_size": batch_size, "rounds": rounds, "device": device,
+                    "overrides": overrides or {}}
             with tempfile.TemporaryDirectory(prefix="spfl-bench-") as tmp:
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(P),
                        "-m", "spfl_vmap.experiments.bench_dist", json.dumps(spec), tmp]
