@@ -16,7 +16,9 @@ split:
   0 there.
 * **Training.** Each round a rank trains its own clients of the cohort with the run's trainer
   (:class:`ShardedTrainer`) and the update rows are gathered back in cohort order, so attacks,
-  aggregators, the server step and evaluation run identically on every rank.
+  aggregators and the server step run identically on every rank.
+* **Evaluation.** Each rank evaluates every P-th test batch; the per-batch counts and loss sums
+  are all_reduced and added in batch order (``RoundLoop.evaluate``), the one-process bits.
 * **Reduction.** Where the aggregate is a weighted sum of rows (mean / FedAvg, DP-FedAvg's
   clipped sum) and no stage reads the whole ``U``, nothing is gathered: each rank sums its own
   rows and one ``all_reduce`` adds the partial sums (``RobustAggregation.sharded_mean``,

@@ -44,6 +44,7 @@ BASE = dict(
     dataset="synthetic", synthetic_train=600, synthetic_test=200, model="lr", partition_method="hetero",
     partition_alpha=0.5, partition_min_samples=10, client_num_in_total=12, client_num_per_round=8, comm_round=2,
     batch_size=10, lr=0.05, frequency_of_the_test=1, progress=False, device="cpu", dist_timeout=TIMEOUT_S,
+    eval_batch_size=64,  # 4 test batches: each process evaluates 2
 )
 CONFIGS = {
     "fedavg_lr": {},
@@ -106,7 +107,7 @@ def job(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     cli = ["run", "--dataset", "synthetic", "--synthetic_train", "600", "--synthetic_test", "200", "--model", "lr",
            "--client_num_in_total", "12", "--client_num_per_round", "8", "--frequency_of_the_test", "1", "--lr", "0.05",
-           "--device", "cpu", "--no-progress", "--dist_gather", "--dist_timeout", str(TIMEOUT_S)]
+           "--device", "cpu", "--no-progress", "--dist_gather", "--dist_timeout", str(TIMEOUT_S), "--eval_batch_size", "64"]
     runs = [
         {"argv": [*cli, "--comm_round", "2", "--out", str(tmp / "cli"), "--save_path", str(tmp / "cli" / "model.pt")]},
         # one round with a checkpoint, then every rank resumes from rank 0's checkpoint for the second
@@ -187,7 +188,7 @@ def test_sharded_attack_equals_one_process(job, case):
 
 
 def test_cli_under_two_processes_is_bit_identical_and_rank0_writes(job):
-    ref = run(Config(**BASE))
+    ref = run(Config(**BASE))  # the test metrics too: each process evaluated half of the test batches
     for run_dir in ("cli", "resumed"):  # resumed: 1 round, then a resume of both ranks from rank 0's checkpoint
         got = torch.load(job["dir"] / run_dir / "model.pt")
         assert all(torch.equal(got[k], ref.model_state[k]) for k in got), run_dir

@@ -298,16 +298,32 @@ class RoundLoop:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Global model accuracy and mean loss over the full test set, in batches."""
+        """Global model accuracy and mean loss over the full test set, in batches.
+
+        Under torchrun each process evaluates every P-th batch; the per-batch counts and loss
+        sums ``(batches, 2)`` float64 are all_reduced, each batch's from the one process that
+        evaluated it and exact zeros from the others, and summed in batch order as in one
+        process: the same bits, for 1/P of the work.
+        """
         params = self.global_params
-        correct, loss_sum = 0, 0.0
         bs = self.cfg.eval_batch_size
-        for lo in range(0, len(self.y_test), bs):
+        n = len(self.y_test)
+        starts = range(0, n, bs)
+        sharding = getattr(self.packed, "sharding", None)
+        per_batch = torch.zeros(len(starts), 2, dtype=torch.float64)  # (batches, [correct, loss sum])
+        for b, lo in enumerate(starts):
+            if sharding is not None and b % sharding.world != sharding.rank:
+                continue
             x, y = self.x_test[lo : lo + bs], self.y_test[lo : lo + bs]
             logits = functional_call(self.model, params, (x,))
-            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
-        n = len(self.y_test)
+            per_batch[b, 0] = int((logits.argmax(1) == y).sum())
+            per_batch[b, 1] = float(F.cross_entropy(logits, y, reduction="sum"))
+        if sharding is not None:
+            per_batch = sharding.reduce(per_batch.to(self.device), "sum").cpu()
+        correct, loss_sum = 0, 0.0
+        for c, loss in per_batch.tolist():  # in batch order, as Python floats
+            correct += int(c)
+            loss_sum += loss
         return correct / n, loss_sum / n
 
     # ---- checkpoints ----------------------------------------------------------------------
