@@ -72,7 +72,10 @@ def order_stats_torch(U: torch.Tensor, op: str, k: int = 0) -> torch.Tensor:
         rank = torch.arange(X.shape[0], device=X.device)[:, None]  # (N, 1)
         keep = (rank >= k) & (rank < n - k)  # (N, D)
         cnt = keep.sum(dim=0)
-        out = torch.where(keep, S, torch.zeros_like(S)).sum(dim=0) / cnt.clamp(min=1)
+        # summed down each column in row order (a scan): a column's result does not depend on the
+        # matrix's width, so a block of columns gives the same bits as the whole (U sharded by
+        # columns under torch.distributed); a plain sum(dim=0) vectorizes differently per width
+        out = torch.where(keep, S, torch.zeros_like(S)).cumsum(dim=0)[-1] / cnt.clamp(min=1)
         out = torch.where(cnt > 0, out, torch.full_like(out, float("nan")))
     else:
         dist = torch.where(torch.isnan(X), torch.full_like(X, float("inf")), (X - med[None]).abs())

@@ -25,10 +25,12 @@ split:
   ``DPFedAvg.sharded_apply``).
   DP-FedAvg's noise is drawn from ``(seed, "dp-fedavg", round)`` after the reduction and added
   once. Krum and Multi-Krum select from ``(N, N)`` distances computed in per-rank row blocks
-  (:meth:`Sharding.sqdist`) and reduce the selected rows. Byzantine attacks (all but
+  (:meth:`Sharding.sqdist`) and reduce the selected rows. The coordinate-wise median and
+  trimmed mean work on ``U`` sharded by columns (:meth:`Sharding.columns`, one ``all_to_all``)
+  and gather the ``(D,)`` result. Byzantine attacks (all but
   ``agr_tal``) rewrite each rank's own malicious rows, the benign statistics taken by
-  collectives (``spfl_vmap.attacks.Cohort``). Every other rule (Bulyan, median, trimmed mean,
-  FLAME, FLTrust, ...) and every other update stage sees all of ``U``, gathered.
+  collectives (``spfl_vmap.attacks.Cohort``). Every other rule (Bulyan, FLAME, FLTrust, ...)
+  and every other update stage sees all of ``U``, gathered.
 
 Equality with the one-process run: local training is per client, so each client's row of ``U``
 is bit-identical; with every row gathered (any rule, or ``--dist_gather``) the whole run is
@@ -257,6 +259,43 @@ class Sharding:
         D = self.gather_rows(block, rows)  # (N, N)
         D.fill_diagonal_(0.0)
         return D
+
+    def columns(self, local: torch.Tensor, rows: list[list[int]]) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Every cohort row's values in this rank's block of columns, from each rank's rows
+        ``local (n_r, D)``: ``(N, hi - lo)`` and ``(lo, hi)``.
+
+        The columns are split into P contiguous blocks (``[r D / P, (r + 1) D / P)``) and one
+        ``all_to_all`` sends each rank's rows' part of every block to that block's rank: ``U``
+        sharded by columns instead of rows, ``N x D / P`` values per rank, for coordinate-wise
+        rules (median, trimmed mean).
+        """
+        D, P, r = local.shape[1], self.world, self.rank
+        bounds = [q * D // P for q in range(P + 1)]
+        lo, hi = bounds[r], bounds[r + 1]
+        counts = [len(pos) for pos in rows]
+        send = torch.cat([local[:, bounds[q] : bounds[q + 1]].reshape(-1) for q in range(P)])  # (n_r * D,)
+        recv = local.new_empty(sum(counts) * (hi - lo))  # (N * (hi - lo),)
+        dist.all_to_all_single(recv, send, [counts[r] * (bounds[q + 1] - bounds[q]) for q in range(P)],
+                               [n * (hi - lo) for n in counts])
+        out = local.new_empty((sum(counts), hi - lo))
+        offset = 0
+        for pos in rows:
+            k = len(pos) * (hi - lo)
+            if k:
+                out[torch.tensor(pos, dtype=torch.long, device=out.device)] = recv[offset : offset + k].view(len(pos), hi - lo)
+            offset += k
+        return out, (lo, hi)
+
+    def join_columns(self, part: torch.Tensor, dim: int) -> torch.Tensor:
+        """The ``(dim,)`` vector from each rank's block ``part (hi - lo,)`` of :meth:`columns`."""
+        P = self.world
+        bounds = [q * dim // P for q in range(P + 1)]
+        width = max(bounds[q + 1] - bounds[q] for q in range(P))
+        buf = part.new_zeros(width)
+        buf[: part.numel()] = part
+        parts = [torch.empty_like(buf) for _ in range(P)]
+        dist.all_gather(parts, buf)
+        return torch.cat([parts[q][: bounds[q + 1] - bounds[q]] for q in range(P)])
 
     def sum(self, partial: torch.Tensor) -> torch.Tensor:
         """``partial`` summed over the ranks (every rank receives the same bits)."""

@@ -53,6 +53,9 @@ CONFIGS = {
     # attacks on per-process rows, their statistics by collectives (U never whole)
     "alie_mean": dict(by_attack="alie", by_frac=0.25, by_mode="per_round"),
     "min_max_multi_krum": dict(by_attack="min_max", by_defense="multi_krum", by_frac=0.25, by_mode="per_round"),
+    # coordinate-wise rules on U sharded by columns (one all_to_all), under an attack and with a NaN row
+    "median_alie": dict(by_attack="alie", by_defense="median", by_frac=0.25, by_mode="per_round"),
+    "trimmed_mean_nan": dict(by_attack="nan", by_defense="trimmed_mean", by_workers=1, by_mode="per_round", by_f=2),
     "ipm_dp_fedavg": dict(by_attack="ipm", by_attack_params="epsilon=2", by_frac=0.25, by_mode="per_round",
                           dp_mode="user", dp_sigma=0.5, grad_norm=0.5),
     # no update stage: distances in per-process blocks, the selected rows all_reduced (U never whole)
@@ -65,7 +68,10 @@ CONFIGS = {
 
 #: runs whose rows stay in their processes (partial sums, distance blocks, attack statistics by collectives)
 ROW_SHARDED = ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks", "krum_gaussian",
-               "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg")
+               "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg", "median_alie", "trimmed_mean_nan")
+#: of those, runs with no reordered sum: Krum returns a selected row's bits; the trimmed mean
+#: on column blocks sums each column in row order, as on the whole U; NaN rows are row-local
+EXACT_SHARDED = ("krum_blocks", "krum_gaussian", "trimmed_mean_nan")
 
 #: Attacks on a cohort of 11 rows split over 2 processes (``owner``: each row's rank). Layout
 #: "attackers0": rank 0 holds exactly the malicious rows, so it holds no benign row (omniscient
@@ -147,6 +153,9 @@ def test_sharded_run_equals_one_process(job, name):
         assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"])
         for g, r in zip(got["rows"], ref["rows"]):
             assert (g["test_acc"], g["test_loss"], g["train_loss"]) == (r["test_acc"], r["test_loss"], r["train_loss"])
+    elif name in EXACT_SHARDED:  # rows stay in their processes, yet no sum changes order: the same bits
+        assert all(torch.equal(got["model"][k], ref["model"][k]) for k in ref["model"]), name
+        assert [(g["test_acc"], g["test_loss"]) for g in got["rows"]] == [(r["test_acc"], r["test_loss"]) for r in ref["rows"]]
     else:  # partial sums all_reduced: equal to float rounding
         assert name in ROW_SHARDED, mode
         for k in ref["model"]:
@@ -159,7 +168,7 @@ def test_sharded_run_equals_one_process(job, name):
         assert not mode.startswith("all_gather"), mode
     if "krum" in name and cfg.by_attack != "none":
         assert [r["malicious_selected"] for r in got["rows"]] == [r["malicious_selected"] for r in ref["rows"]]
-    for key in ("malicious", "attack_z", "attack_gamma"):
+    for key in ("malicious", "attack_z", "attack_gamma", "nonfinite_excluded", "agg_trim_k"):
         assert [r.get(key) for r in got["rows"]] == [pytest.approx(r[key], rel=1e-6) if key in r else None for r in ref["rows"]], key
     if name.endswith("krum_blocks"):  # the same clients selected from the block distances
         assert not mode.startswith("all_gather"), mode

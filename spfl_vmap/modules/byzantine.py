@@ -25,6 +25,7 @@ Stages (see ``spfl_vmap.stages``):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -84,6 +85,9 @@ def assumed_f(cfg: Config) -> int:
         f -= 1  # also keep a majority of honest clients
     return f
 
+
+#: Coordinate-wise rules: under torchrun they run on U sharded by columns (``Sharding.columns``)
+COORDINATE_WISE = ("median", "trimmed_mean")
 
 #: FLTrust's root set: 100 class-stratified training samples (Cao et al. 2021 use 100 for
 #: MNIST-0.1 / Fashion-MNIST; FLPoison's ``fltrust.py`` default)
@@ -219,6 +223,29 @@ class ByzantineAttack(UpdateStage):
         return U2, {"malicious": n_mal, **{f"attack_{k}": v for k, v in m.items() if isinstance(v, (int, float, str, bool))}}
 
 
+@dataclass
+class _Share:
+    """One rank's part of a sharded aggregation (:meth:`RobustAggregation._share`)."""
+
+    rows: list[list[int]]  # every rank's cohort positions
+    X: torch.Tensor  # (n_r, D) fp32: this rank's rows
+    mine_finite: torch.Tensor  # (n_r,) which of them have a finite squared norm
+    kept: torch.Tensor  # (n_kept,) the cohort positions of every finite row
+    f: int  # the rule's f, lowered by the excluded rows
+    metrics: Metrics  # {"nonfinite_excluded": k} when rows were excluded
+    zeros: torch.Tensor  # (D,) the update of a rejected round
+    early: Optional[tuple[torch.Tensor, Metrics]] = None  # the round's result when it cannot aggregate
+
+    def reject(self, **extra: Any) -> tuple[torch.Tensor, Metrics]:
+        return self.zeros, {**self.metrics, "round_rejected": True, **extra}
+
+    def result(self, agg: torch.Tensor, **extra: Any) -> tuple[torch.Tensor, Metrics]:
+        """``agg`` (in the update's dtype) with the metrics, or a rejected round if not finite."""
+        if not bool(torch.isfinite(agg).all()):
+            return self.reject()
+        return agg.to(self.zeros.dtype), {**self.metrics, **extra}
+
+
 class RobustAggregation(Aggregation):
     """Round step 8: the registered aggregator; a NaN/Inf row never reaches the model.
 
@@ -234,10 +261,11 @@ class RobustAggregation(Aggregation):
 
     @property
     def sums_rows(self) -> bool:
-        """Ranks can aggregate without gathering ``U``: the mean is a weighted sum of rows, and
+        """Ranks can aggregate without gathering ``U``: the mean is a weighted sum of rows;
         Krum / Multi-Krum select from distances that ranks compute in blocks
-        (:meth:`Sharding.sqdist`), then sum the selected rows."""
-        return self.rule in ("mean", "krum", "multi_krum")
+        (:meth:`Sharding.sqdist`), then sum the selected rows; the coordinate-wise median and
+        trimmed mean work on ``U`` sharded by columns (:meth:`Sharding.columns`)."""
+        return self.rule in ("mean", "krum", "multi_krum", *COORDINATE_WISE)
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -249,7 +277,9 @@ class RobustAggregation(Aggregation):
 
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         if self.sharding is not None:
-            return self.sharded_mean(ctx, U) if self.rule == "mean" else self.sharded_krum(ctx, U)
+            if self.rule == "mean":
+                return self.sharded_mean(ctx, U)
+            return self.sharded_columns(ctx, U) if self.rule in COORDINATE_WISE else self.sharded_krum(ctx, U)
         if U.shape[0] == 0:
             return torch.zeros(U.shape[1], device=U.device), {"round_rejected": True}
         for k, v in self.state.items():  # a resumed state comes from a CPU checkpoint
@@ -286,71 +316,66 @@ class RobustAggregation(Aggregation):
         """Engine keywords a subclass computes per round (FLTrust's ``server_update``)."""
         return {}
 
-    def _finite_rows(self, ctx: RoundContext, U: torch.Tensor) -> tuple[list[list[int]], torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Under sharding: every rank's cohort positions, this rank's rows as fp32 ``X (n_r, D)``,
-        which of them have a finite squared norm ``(n_r,)``, and the cohort's positions of all
-        finite rows ``(n_kept,)`` (the flags gathered, ``(N,)`` bytes), as ``aggregate`` keeps them."""
-        sh = self.sharding
+    def _share(self, ctx: RoundContext, U: torch.Tensor) -> "_Share":
+        """Under sharding, as :func:`~spfl_vmap.aggregators.aggregate` prepares all of ``U``:
+        the finite flags of every row (gathered, ``(N,)`` bytes), ``f`` lowered by the excluded
+        rows, and the round's result when it cannot aggregate (no row, no finite row, or too few
+        for the rule). Every rank decides the same, so an early return skips no collective."""
+        sh, N = self.sharding, ctx.num_clients
+        zeros = torch.zeros(ctx.spec.dim, dtype=U.dtype, device=U.device)
         rows = sh.rows(ctx.client_ids)
         X = U.float()
         mine_finite = torch.isfinite(torch.einsum("nd,nd->n", X, X))  # (n_r,)
-        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool()  # (N,)
-        return rows, X, mine_finite, finite.nonzero().squeeze(1)
+        finite = sh.gather_rows(mine_finite.to(torch.uint8), rows).bool() if N else mine_finite  # (N,)
+        kept = finite.nonzero().squeeze(1)  # (n_kept,)
+        excluded = N - kept.numel()
+        f = max(0, min(self.f, N - 1) - excluded)
+        share = _Share(rows, X, mine_finite, kept, f, {"nonfinite_excluded": excluded} if excluded else {}, zeros)
+        if kept.numel() == 0:
+            share.early = share.reject()
+        elif excluded and kept.numel() < required_clients(self.rule, f, self.kwargs):
+            share.early = share.reject(too_few_rows=kept.numel())
+        return share
 
     def sharded_mean(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """FedAvg's weighted mean from this rank's rows ``U (n_r, D)`` of the cohort.
 
         As :func:`~spfl_vmap.aggregators.aggregate` with ``mean`` on all of ``U``: rows with a
-        non-finite squared norm are excluded (their flags are gathered, ``(N,)`` bytes), the
-        weights are normalised over the cohort's kept rows, each rank sums its own weighted rows
-        and one ``all_reduce`` adds the ``(D,)`` partial sums. Equal to the one-process mean up
-        to the order of the additions.
+        non-finite squared norm are excluded (:meth:`_share`), the weights are normalised over
+        the cohort's kept rows, each rank sums its own weighted rows and one ``all_reduce`` adds
+        the ``(D,)`` partial sums. Equal to the one-process mean up to the order of the additions.
         """
+        s = self._share(ctx, U)
+        if s.early is not None:
+            return s.early
         sh, N, D = self.sharding, ctx.num_clients, ctx.spec.dim
-        rejected = torch.zeros(D, dtype=U.dtype, device=U.device)
-        if N == 0:
-            return rejected, {"round_rejected": True}
-        rows, X, mine_finite, kept = self._finite_rows(ctx, U)
-        excluded = N - kept.numel()
-        out: Metrics = {"nonfinite_excluded": excluded} if excluded else {}
-        if kept.numel() == 0:
-            return rejected, {**out, "round_rejected": True}
         w = torch.zeros(N, device=U.device)
-        w[kept] = normalise_weights(ctx.weights[kept], kept.numel(), U.device)  # (N,) 0 on excluded rows
-        mine = torch.tensor(rows[sh.rank], dtype=torch.long, device=U.device)
+        w[s.kept] = normalise_weights(ctx.weights[s.kept], s.kept.numel(), U.device)  # (N,) 0 on excluded rows
+        mine = torch.tensor(s.rows[sh.rank], dtype=torch.long, device=U.device)
         partial = torch.zeros(D, device=U.device)
-        if bool(mine_finite.any()):
-            all_finite = bool(mine_finite.all())  # then no (n_r, D) copy
-            Uk, wk = (U, w[mine]) if all_finite else (U[mine_finite], w[mine][mine_finite])
+        if bool(s.mine_finite.any()):
+            all_finite = bool(s.mine_finite.all())  # then no (n_r, D) copy
+            Uk, wk = (U, w[mine]) if all_finite else (U[s.mine_finite], w[mine][s.mine_finite])
             partial, _ = clip_scale_noise_reduce(Uk, math.inf, wk, 0.0, 0)  # (D,)
-        agg = sh.sum(partial).to(U.dtype)
-        if not bool(torch.isfinite(agg).all()):
-            return rejected, {**out, "round_rejected": True}
-        return agg, out
+        return s.result(sh.sum(partial))
 
     def sharded_krum(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """Krum / Multi-Krum (Blanchard et al. 2017) from this rank's rows ``U (n_r, D)``.
 
         As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: non-finite rows are excluded
-        (and ``f`` lowered by their number); the ``(N, N)`` distances come in per-rank blocks
-        (:meth:`Sharding.sqdist`), so no rank holds all of ``U``; every rank runs the same
-        selection on them; each rank sums its selected rows and one ``all_reduce`` adds the
-        partial sums. Krum's result is the selected row's bits; Multi-Krum's mean agrees with one
-        process to the order of the additions (and the distances to the blocking of the matmul).
+        (and ``f`` lowered by their number, :meth:`_share`); the ``(N, N)`` distances come in
+        per-rank blocks (:meth:`Sharding.sqdist`), so no rank holds all of ``U``; every rank runs
+        the same selection on them; each rank sums its selected rows and one ``all_reduce`` adds
+        the partial sums. Krum's result is the selected row's bits; Multi-Krum's mean agrees with
+        one process to the order of the additions (and the distances to the blocking of the
+        matmul).
         """
+        s = self._share(ctx, U)
+        if s.early is not None:
+            return s.early
         sh, N, D = self.sharding, ctx.num_clients, ctx.spec.dim
-        rejected = torch.zeros(D, dtype=U.dtype, device=U.device)
-        if N == 0:
-            return rejected, {"round_rejected": True}
-        rows, X, mine_finite, kept = self._finite_rows(ctx, U)
-        excluded = N - kept.numel()
-        out: Metrics = {"nonfinite_excluded": excluded} if excluded else {}
-        Dm = sh.sqdist(torch.where(mine_finite[:, None], X, 0.0), rows)  # (N, N); every rank joins the collectives
-        if kept.numel() == 0:
-            return rejected, {**out, "round_rejected": True}
-        n, f = kept.numel(), max(0, min(self.f, N - 1) - excluded)
-        if excluded and n < required_clients(self.rule, f, self.kwargs):
-            return rejected, {**out, "round_rejected": True, "too_few_rows": n}
+        Dm = sh.sqdist(torch.where(s.mine_finite[:, None], s.X, 0.0), s.rows)  # (N, N)
+        n, f, kept = s.kept.numel(), s.f, s.kept
         check_clients(self.rule, n, f)
         Dk = Dm[kept][:, kept]  # (n, n)
         weighted = False
@@ -365,19 +390,34 @@ class RobustAggregation(Aggregation):
         chosen = kept[torch.tensor(sel, dtype=torch.long, device=kept.device)]  # (m,) cohort positions
         w = torch.zeros(N, device=U.device)
         w[chosen] = normalise_weights(ctx.weights[chosen] if weighted else None, len(sel), U.device)  # (N,)
-        mine = torch.tensor(rows[sh.rank], dtype=torch.long, device=U.device)
+        mine = torch.tensor(s.rows[sh.rank], dtype=torch.long, device=U.device)
         wm = w[mine]  # (n_r,)
-        pick = (wm != 0) & mine_finite
-        partial = wm[pick] @ X[pick] if bool(pick.any()) else torch.zeros(D, device=U.device)  # (D,)
-        agg = sh.sum(partial).to(U.dtype)
-        if not bool(torch.isfinite(agg).all()):
-            return rejected, {**out, "round_rejected": True}
+        pick = (wm != 0) & s.mine_finite
+        partial = wm[pick] @ s.X[pick] if bool(pick.any()) else torch.zeros(D, device=U.device)  # (D,)
         sel_pos = chosen.tolist()
-        out["selected"] = len(sel_pos)
-        out["malicious_selected"] = int(ctx.malicious[chosen.to(ctx.malicious.device)].sum())
-        if len(sel_pos) <= MAX_LISTED:
-            out["selected_ids"] = sel_pos
-        return agg, out
+        listed = {"selected_ids": sel_pos} if len(sel_pos) <= MAX_LISTED else {}
+        return s.result(sh.sum(partial), selected=len(sel_pos),
+                        malicious_selected=int(ctx.malicious[chosen.to(ctx.malicious.device)].sum()), **listed)
+
+    def sharded_columns(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """The coordinate-wise median or trimmed mean (Yin et al. 2018) from this rank's rows
+        ``U (n_r, D)``.
+
+        As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: rows with a non-finite
+        squared norm are excluded (and ``f`` lowered by their number, :meth:`_share`). One
+        ``all_to_all`` gives each rank every row's values in its ``D / P`` columns
+        (:meth:`Sharding.columns`), the rule runs on them, and the ``(D,)`` result is gathered.
+        A coordinate's statistic depends on its own column only (the trimmed mean sums each
+        column in row order), so the result is the one-process one, bit for bit.
+        """
+        s = self._share(ctx, U)
+        if s.early is not None:
+            return s.early
+        cols, _ = self.sharding.columns(U, s.rows)  # (N, D / P)
+        excluded = ctx.num_clients - s.kept.numel()
+        part, own = AGGREGATORS.get(self.rule)(cols[s.kept] if excluded else cols, None, f=s.f, **self.kwargs)  # (D / P,)
+        extra = {f"agg_{k}": v for k, v in own.items() if isinstance(v, (int, float, bool))} if self.verbose else {}
+        return s.result(self.sharding.join_columns(part.to(U.dtype), ctx.spec.dim), **extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}}
