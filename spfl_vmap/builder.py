@@ -109,9 +109,12 @@ def shard_rounds(cfg: Config, trainer: Trainer, pipeline: Pipeline) -> None:
     if not cfg.dist_gather and not reads_U and not pipeline.audits and getattr(agg, "sums_rows", False):
         trainer.reduce = True
         agg.sharding = trainer.sharding
+        trainer.path = agg.sharded_path
         for stage in pipeline.update_stages:  # those that work on per-rank rows (an attack's collectives)
             if hasattr(stage, "sharding"):
                 stage.sharding = trainer.sharding
+                if getattr(stage, "reads_stats", False):
+                    trainer.path += "; attack statistics by collectives"
 
 
 class Simulator(RoundLoop):

@@ -130,7 +130,7 @@ class Config:
     # torch.distributed (read only under torchrun; see spfl_vmap.distributed)
     dist_backend: str = field(default="auto", metadata={"help": "under torchrun: the torch.distributed backend, auto (nccl on CUDA, gloo on the CPU) | gloo | nccl"})
     dist_timeout: float = field(default=600.0, metadata={"help": "under torchrun: seconds a collective waits for the other processes before the job fails"})
-    dist_gather: bool = field(default=False, metadata={"help": "under torchrun: gather every update row on every process for mean and DP-FedAvg too (bit-identical to one process; default: all_reduce of per-process sums, equal to float rounding)"})
+    dist_gather: bool = field(default=False, metadata={"help": "under torchrun: gather every update row on every process, whatever the rule and attack (bit-identical to one process; default: rows stay in their process where the rule and attack allow it: partial sums, distance blocks, column blocks, attack statistics by collectives)"})
     # evaluation and outputs
     frequency_of_the_test: int = field(default=5, metadata={"help": "evaluate every K rounds (and at the last)"})
     eval_batch_size: int = field(default=2000, metadata={"help": "batch size of the global test evaluation"})

@@ -444,6 +444,7 @@ class ShardedTrainer:
     def __init__(self, inner: Trainer, sharding: Sharding) -> None:
         self.inner, self.sharding = inner, sharding
         self.reduce = False
+        self.path = "all_gather of U"  # how the round's rows meet (``describe``); set with ``reduce``
 
     @property
     def strategy(self) -> str:
@@ -468,7 +469,7 @@ class ShardedTrainer:
 
     def describe(self) -> dict[str, Any]:
         return {"processes": self.sharding.world, "backend": dist.get_backend(),
-                "aggregation": "all_reduce of per-process sums" if self.reduce else "all_gather of U"}
+                "aggregation": self.path}
 
 
 def sharded_trainer(trainer: Trainer, packed: PackedClients) -> Trainer:

@@ -69,6 +69,11 @@ CONFIGS = {
 #: runs whose rows stay in their processes (partial sums, distance blocks, attack statistics by collectives)
 ROW_SHARDED = ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks", "krum_gaussian",
                "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg", "median_alie", "trimmed_mean_nan")
+#: how the rows meet (``config.json``'s ``distributed.aggregation``), by user-level DP or the rule
+SHARDED_PATHS = {True: "all_reduce of per-process clipped sums", "mean": "all_reduce of per-process sums",
+                 "krum": "distance blocks", "multi_krum": "distance blocks",
+                 "median": "U sharded by columns", "trimmed_mean": "U sharded by columns"}
+
 #: of those, runs with no reordered sum: Krum returns a selected row's bits; the trimmed mean
 #: on column blocks sums each column in row order, as on the whole U; NaN rows are row-local
 EXACT_SHARDED = ("krum_blocks", "krum_gaussian", "trimmed_mean_nan")
@@ -166,6 +171,8 @@ def test_sharded_run_equals_one_process(job, name):
             assert g["train_loss"] == pytest.approx(r["train_loss"], rel=1e-6)
     if name in ROW_SHARDED:  # nothing in these runs needs all of U in one process
         assert not mode.startswith("all_gather"), mode
+        assert mode.startswith(SHARDED_PATHS[cfg.dp_mode == "user" or cfg.by_defense]), mode
+        assert mode.endswith("attack statistics by collectives") == (cfg.by_attack != "none"), mode
     if "krum" in name and cfg.by_attack != "none":
         assert [r["malicious_selected"] for r in got["rows"]] == [r["malicious_selected"] for r in ref["rows"]]
     for key in ("malicious", "attack_z", "attack_gamma", "nonfinite_excluded", "agg_trim_k"):
@@ -252,7 +259,7 @@ def test_bench_scale_reports_each_process(tmp_path):
     p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     (row,) = json.loads((tmp_path / "scale_nproc.json").read_text())["rows"]
-    assert row["processes"] == 2 and row["clients"] == 8 and row["aggregation"] == "all_reduce of per-process sums"  # ALIE on per-rank rows
+    assert row["processes"] == 2 and row["clients"] == 8 and row["aggregation"] == "all_reduce of per-process sums; attack statistics by collectives"
     assert len(row["peak_rss_mb"]) == 2 and all(m > 0 for m in row["peak_rss_mb"]) and row["s_per_round"] > 0
 
 

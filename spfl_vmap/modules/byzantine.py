@@ -207,6 +207,11 @@ class ByzantineAttack(UpdateStage):
         counts the malicious clients, so sharded processes need not gather ``U`` for them."""
         return self.cfg.by_attack != "none" and not shards_rows(self.cfg.by_attack)
 
+    @property
+    def reads_stats(self) -> bool:
+        """Whether the attack reads other rows than the attacker's own (sharded: collectives)."""
+        return self.cfg.by_attack != "none"
+
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         malicious = ctx.malicious
         n_mal = int(malicious.sum())
@@ -266,6 +271,15 @@ class RobustAggregation(Aggregation):
         (:meth:`Sharding.sqdist`), then sum the selected rows; the coordinate-wise median and
         trimmed mean work on ``U`` sharded by columns (:meth:`Sharding.columns`)."""
         return self.rule in ("mean", "krum", "multi_krum", *COORDINATE_WISE)
+
+    @property
+    def sharded_path(self) -> str:
+        """How the rows meet when :attr:`sums_rows` (``config.json``'s ``distributed.aggregation``)."""
+        if self.rule == "mean":
+            return "all_reduce of per-process sums"
+        if self.rule in COORDINATE_WISE:
+            return "U sharded by columns (all_to_all), the (D,) result gathered"
+        return "distance blocks, all_reduce of the selected rows"
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

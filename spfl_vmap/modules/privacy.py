@@ -242,6 +242,7 @@ class DPFedAvg(Aggregation):
 
     name = "dp_fedavg"
     sums_rows = True  # a clipped sum: ranks reduce partial sums instead of gathering U
+    sharded_path = "all_reduce of per-process clipped sums, the noise added once"
     sharding: Optional[Sharding] = None
 
     def __init__(self, cfg: Config, accounting: PrivacyAccounting) -> None:
