@@ -11,6 +11,12 @@ as the benign mean and standard deviation are plain (unweighted) over the rows t
 (see :func:`~spfl_vmap.attacks._base.known_rows`); ``weights`` is accepted for a uniform API.
 ``f`` is the Byzantine count the attacker plans for (ALIE's ``z``, Fang's Krum check); ``0``
 means the number of malicious rows.
+
+Each public function validates its inputs and runs its core (``_alie``, ``_gamma_attack``, ...)
+on a :class:`~spfl_vmap.attacks._base.Cohort` of all ``N`` rows. The core is also the function's
+``on_cohort`` attribute, which :func:`~spfl_vmap.attacks.attack_cohort` runs under torchrun on a
+process's own rows, the statistics of the known rows (:class:`~spfl_vmap.attacks._base.Rows`)
+then coming through collectives: one implementation for both.
 """
 
 from __future__ import annotations
