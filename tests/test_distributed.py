@@ -56,6 +56,10 @@ CONFIGS = {
     # coordinate-wise rules on U sharded by columns (one all_to_all), under an attack and with a NaN row
     "median_alie": dict(by_attack="alie", by_defense="median", by_frac=0.25, by_mode="per_round"),
     "trimmed_mean_nan": dict(by_attack="nan", by_defense="trimmed_mean", by_workers=1, by_mode="per_round", by_f=2),
+    # weighted sums from per-row scalars: norms gathered, sums all_reduced (centered clipping's state across rounds)
+    "norm_clip_ipm": dict(by_attack="ipm", by_defense="norm_clip", by_frac=0.25, by_mode="per_round"),
+    "centered_clipping_gaussian": dict(by_attack="gaussian", by_defense="centered_clipping", by_defense_params="tau=0.5,n_iter=2",
+                                       by_frac=0.25, by_mode="per_round"),
     "ipm_dp_fedavg": dict(by_attack="ipm", by_attack_params="epsilon=2", by_frac=0.25, by_mode="per_round",
                           dp_mode="user", dp_sigma=0.5, grad_norm=0.5),
     # no update stage: distances in per-process blocks, the selected rows all_reduced (U never whole)
@@ -68,11 +72,13 @@ CONFIGS = {
 
 #: runs whose rows stay in their processes (partial sums, distance blocks, attack statistics by collectives)
 ROW_SHARDED = ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks", "krum_gaussian",
-               "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg", "median_alie", "trimmed_mean_nan")
+               "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg", "median_alie", "trimmed_mean_nan", "norm_clip_ipm",
+               "centered_clipping_gaussian")
 #: how the rows meet (``config.json``'s ``distributed.aggregation``), by user-level DP or the rule
 SHARDED_PATHS = {True: "all_reduce of per-process clipped sums", "mean": "all_reduce of per-process sums",
                  "krum": "distance blocks", "multi_krum": "distance blocks",
-                 "median": "U sharded by columns", "trimmed_mean": "U sharded by columns"}
+                 "median": "U sharded by columns", "trimmed_mean": "U sharded by columns",
+                 **dict.fromkeys(("norm_clip", "centered_clipping"), "per-row scalars gathered")}
 
 #: of those, runs with no reordered sum: Krum returns a selected row's bits; the trimmed mean
 #: on column blocks sums each column in row order, as on the whole U; NaN rows are row-local
@@ -175,7 +181,7 @@ def test_sharded_run_equals_one_process(job, name):
         assert mode.endswith("attack statistics by collectives") == (cfg.by_attack != "none"), mode
     if "krum" in name and cfg.by_attack != "none":
         assert [r["malicious_selected"] for r in got["rows"]] == [r["malicious_selected"] for r in ref["rows"]]
-    for key in ("malicious", "attack_z", "attack_gamma", "nonfinite_excluded", "agg_trim_k"):
+    for key in ("malicious", "attack_z", "attack_gamma", "nonfinite_excluded", "agg_trim_k", "agg_clip_norm", "agg_clipped_frac"):
         assert [r.get(key) for r in got["rows"]] == [pytest.approx(r[key], rel=1e-6) if key in r else None for r in ref["rows"]], key
     if name.endswith("krum_blocks"):  # the same clients selected from the block distances
         assert not mode.startswith("all_gather"), mode

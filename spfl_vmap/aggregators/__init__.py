@@ -73,6 +73,7 @@ from ._base import (
     ENGINE_KWARGS,
     INDEX_KEYS,
     ROW_KEYS,
+    Rows,
     check_clients,
     check_matrix,
     check_weights,
@@ -81,6 +82,7 @@ from ._base import (
     normalise_weights,
     required_clients,
     resolve_kwargs,
+    subset_parts,
 )
 from .averaging import mean, median, trimmed_mean
 from .backdoor_defenses import FG_HISTORY_KEY, FG_IDS_KEY, foolsgold, foolsgold_weights, rlr
@@ -97,6 +99,7 @@ __all__ = [
     "ENGINE_KWARGS",
     "FG_HISTORY_KEY",
     "FG_IDS_KEY",
+    "Rows",
     "aggregate",
     "bulyan",
     "centered_clipping",
@@ -121,6 +124,7 @@ __all__ = [
     "rlr",
     "check_clients",
     "signguard",
+    "subset_parts",
     "trimmed_mean",
 ]
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import numbers
 import types
 import typing
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
+
+from spfl_kernels import pairwise_sqdist
 
 from ..rng import default_generator  # noqa: F401  (re-exported for this package)
 
@@ -303,4 +306,111 @@ def resolve_kwargs(fn: Callable, kwargs: Mapping[str, Any], engine: frozenset[st
         if not _matches(value, tp):
             raise ConfigError(f"{who}: {key} must be {_describe(tp)}, got {value!r} ({type(value).__name__})")
         out[key] = value
+    return out
+
+
+def std_rows(X: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise sample standard deviation (Bessel-corrected); zeros for a single row."""
+    if X.shape[0] < 2:
+        return torch.zeros(X.shape[1], dtype=X.dtype, device=X.device)
+    return X.std(dim=0, correction=1)
+
+
+# ---- rows in one process or sharded over processes ----------------------------------------------
+class Collectives(Protocol):
+    """What sharded attacks and aggregators need of :class:`spfl_vmap.distributed.Sharding`
+    (a protocol, so that the pure layer does not import the distributed module)."""
+
+    rank: int
+
+    def gather_rows(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor: ...
+
+    def sqdist(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor: ...
+
+    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor: ...
+
+
+class Rows:
+    """A set of ``n`` update rows (those an attacker knows, or those an aggregator keeps), and the
+    statistics attacks and aggregators take of them.
+
+    In one process it holds all of them, ``X (n, D)``, and each statistic is the plain torch
+    expression the attacks and rules always used. Under torchrun each rank holds its own share
+    ``X (n_r, D)`` (``parts``: every rank's positions among the ``n`` rows) and the statistics
+    come from collectives, so no rank holds all rows: sums ``all_reduce`` per-rank partial sums
+    (:meth:`total`; the standard deviation in two passes, as torch's), coordinate-wise extremes
+    ``all_reduce`` with max/min, per-row values are gathered (``(n,)``) and pairwise distances
+    come in per-rank blocks (:meth:`~spfl_vmap.distributed.Sharding.sqdist`). The results equal
+    the one-process ones up to the order of the additions.
+    """
+
+    def __init__(self, X: torch.Tensor, n: Optional[int] = None, sh: Optional[Collectives] = None,
+                 parts: Optional[list[list[int]]] = None) -> None:
+        self.X = X  # (n_r, D) fp32: the rows held here
+        self.n = X.shape[0] if n is None else n
+        self.sh, self.parts = sh, parts
+
+    @property
+    def dim(self) -> int:
+        return self.X.shape[1]
+
+    def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``(D,)`` coordinate-wise mean, computed in ``dtype``."""
+        if self.sh is None:
+            return self.X.to(dtype).mean(dim=0)
+        return self.sh.reduce(self.X.to(dtype).sum(dim=0), "sum") / self.n
+
+    def std(self) -> torch.Tensor:
+        """``(D,)`` coordinate-wise sample standard deviation (Bessel); zeros for one row."""
+        if self.sh is None:
+            return std_rows(self.X)
+        if self.n < 2:
+            return torch.zeros(self.dim, dtype=self.X.dtype, device=self.X.device)
+        mu = self.mean()
+        return (self.sh.reduce(((self.X - mu) ** 2).sum(dim=0), "sum") / (self.n - 1)).sqrt()
+
+    def max(self) -> torch.Tensor:
+        """``(D,)`` coordinate-wise maximum."""
+        return self._extreme("max")
+
+    def min(self) -> torch.Tensor:
+        """``(D,)`` coordinate-wise minimum."""
+        return self._extreme("min")
+
+    def _extreme(self, op: str) -> torch.Tensor:
+        if self.sh is None:
+            return getattr(self.X, op)(dim=0).values
+        if self.X.shape[0]:
+            local = getattr(self.X, op)(dim=0).values
+        else:  # no known row here: the identity of the reduction
+            local = torch.full((self.dim,), -math.inf if op == "max" else math.inf, dtype=self.X.dtype, device=self.X.device)
+        return self.sh.reduce(local, op)
+
+    def total(self, partial: torch.Tensor) -> torch.Tensor:
+        """``partial``, a sum over the rows held here, summed over every rank's rows."""
+        return partial if self.sh is None else self.sh.reduce(partial, "sum")
+
+    def local(self, values: torch.Tensor) -> torch.Tensor:
+        """The entries ``(n_r,)`` of ``values (n,)`` (one per row) for the rows held here."""
+        if self.sh is None:
+            return values
+        return values[torch.tensor(self.parts[self.sh.rank], dtype=torch.long, device=values.device)]
+
+    def per_row(self, values: torch.Tensor) -> torch.Tensor:
+        """The ``(n,)`` values of every row, from ``values (n_r,)`` of the rows held here."""
+        return values if self.sh is None else self.sh.gather_rows(values, self.parts)
+
+    def sqdist(self) -> torch.Tensor:
+        """``(n, n)`` pairwise squared Euclidean distances (fp32)."""
+        return pairwise_sqdist(self.X) if self.sh is None else self.sh.sqdist(self.X, self.parts)
+
+
+def subset_parts(mask: torch.Tensor, parts: list[list[int]]) -> list[list[int]]:
+    """Every rank's positions among the rows ``mask (N,)`` selects, from every rank's cohort
+    positions ``parts``: the ``parts`` of :class:`Rows` over a subset of the cohort's rows."""
+    order = torch.cumsum(mask.long(), 0) - 1  # (N,) position among the selected rows
+    out = []
+    for pos in parts:
+        p = torch.tensor(pos, dtype=torch.long, device=mask.device)
+        out.append(order[p][mask[p]].tolist())
     return out

@@ -7,7 +7,7 @@ import torch
 from spfl_kernels import clip_rows, clip_scale_noise_reduce
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_args, normalise_weights
+from ._base import AGGREGATORS, Rows, check_args, normalise_weights
 
 CC_STATE_KEY = "centered_clipping.center"
 
@@ -43,14 +43,21 @@ def norm_clip(
         ``([D] aggregate, {"clip_norm": float, "clipped_frac": float})``.
     """
     check_args(U, weights, f, "norm_clip")
-    n = U.shape[0]
-    norms = U.float().norm(dim=1)  # (N,)
+    return _norm_clip(Rows(U), weights, max_norm=max_norm, weighted=weighted)
+
+
+def _norm_clip(R: Rows, weights: torch.Tensor | None, *, max_norm: float | None = None, weighted: bool = True) -> tuple[torch.Tensor, dict]:
+    """:func:`norm_clip` on rows that may be sharded over processes (see :class:`Rows`)."""
+    norms = R.per_row(R.X.float().norm(dim=1))  # (N,)
     thr = float(norms.quantile(0.5)) if max_norm is None else float(max_norm)
     if thr < 0:
         raise ConfigError(f"norm_clip: max_norm must be >= 0, got {thr}")
-    w = normalise_weights(weights if weighted else None, n, U.device)  # (N,)
-    out, _ = clip_scale_noise_reduce(U, thr, w, 0.0, 0)
-    return out.to(U.dtype), {"clip_norm": thr, "clipped_frac": float((norms > thr).float().mean())}
+    w = normalise_weights(weights if weighted else None, R.n, R.X.device)  # (N,)
+    out, _ = clip_scale_noise_reduce(R.X, thr, R.local(w), 0.0, 0)
+    return R.total(out).to(R.X.dtype), {"clip_norm": thr, "clipped_frac": float((norms > thr).float().mean())}
+
+
+norm_clip.on_rows = _norm_clip  # type: ignore[attr-defined]
 
 
 @AGGREGATORS.register("centered_clipping")
@@ -92,17 +99,26 @@ def centered_clipping(
         iteration.
     """
     check_args(U, weights, f, "centered_clipping")
-    n, d = U.shape
+    return _centered_clipping(Rows(U), weights, state=state, tau=tau, n_iter=n_iter, weighted=weighted)
+
+
+def _centered_clipping(R: Rows, weights: torch.Tensor | None, *, state: dict | None = None, tau: float = 10.0,
+                       n_iter: int = 1, weighted: bool = False) -> tuple[torch.Tensor, dict]:
+    """:func:`centered_clipping` on rows that may be sharded over processes (see :class:`Rows`):
+    each iteration sums the rows held here, and one ``all_reduce`` adds the sums."""
     if tau <= 0 or n_iter < 1:
         raise ConfigError(f"centered_clipping: needs tau > 0 and n_iter >= 1, got {tau}, {n_iter}")
-    X = U.float()
+    X, dev = R.X.float(), R.X.device  # (n_r, D)
     prev = None if state is None else state.get(CC_STATE_KEY)
-    v = torch.zeros(d, device=U.device) if prev is None else prev.to(device=U.device, dtype=torch.float32)
-    w = normalise_weights(weights if weighted else None, n, U.device)  # (N,)
-    norms = torch.zeros(n, device=U.device)
+    v = torch.zeros(R.dim, device=dev) if prev is None else prev.to(device=dev, dtype=torch.float32)
+    w = R.local(normalise_weights(weights if weighted else None, R.n, dev))  # (n_r,)
+    norms = torch.zeros(X.shape[0], device=dev)
     for _ in range(n_iter):
-        clipped, norms = clip_rows(X - v, tau)  # (N, D), (N,)
-        v = v + w @ clipped.float()  # (D,)
+        clipped, norms = clip_rows(X - v, tau)  # (n_r, D), (n_r,)
+        v = v + R.total(w @ clipped.float())  # (D,)
     if state is not None:
         state[CC_STATE_KEY] = v.detach().clone()
-    return v.to(U.dtype), {"clipped_frac": float((norms > tau).float().mean())}
+    return v.to(R.X.dtype), {"clipped_frac": float((R.per_row(norms) > tau).float().mean())}
+
+
+centered_clipping.on_rows = _centered_clipping  # type: ignore[attr-defined]

@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Optional
 
 import torch
 
-from spfl_kernels import pairwise_sqdist
-
 from ..rng import default_generator  # noqa: F401  (re-exported for this package)
 
-from ..aggregators._base import check_matrix
+from ..aggregators._base import Collectives, Rows, check_matrix, std_rows, subset_parts  # noqa: F401  (Rows, std_rows re-exported)
 from ..errors import ConfigError
 from ..registry import Registry
 
@@ -105,13 +103,6 @@ def known_rows(U: torch.Tensor, mal: torch.Tensor, knowledge: str) -> torch.Tens
     return U[mal].float()
 
 
-def std_rows(X: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise sample standard deviation (Bessel-corrected); zeros for a single row."""
-    if X.shape[0] < 2:
-        return torch.zeros(X.shape[1], dtype=X.dtype, device=X.device)
-    return X.std(dim=0, correction=1)
-
-
 def n_byzantine(mal: torch.Tensor, f: int) -> int:
     """The Byzantine count the attack plans for: ``f`` if given (> 0), else the malicious count."""
     return int(f) if int(f) > 0 else int(mal.sum())
@@ -127,83 +118,6 @@ def with_rows(U: torch.Tensor, mal: torch.Tensor, rows: torch.Tensor) -> torch.T
 
 
 # ---- the attacker's view of a cohort, in one process or sharded over processes --------------
-class Collectives(Protocol):
-    """What sharded attacks need of :class:`spfl_vmap.distributed.Sharding` (kept as a protocol
-    so that attacks do not import the distributed module)."""
-
-    rank: int
-
-    def gather_rows(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor: ...
-
-    def sqdist(self, local: torch.Tensor, rows: list[list[int]]) -> torch.Tensor: ...
-
-    def reduce(self, t: torch.Tensor, op: str) -> torch.Tensor: ...
-
-
-class Rows:
-    """A set of ``n`` update rows the attacker knows, and the statistics attacks take of them.
-
-    In one process it holds all of them, ``X (n, D)`` fp32, and each statistic is the plain torch
-    expression the attacks always used. Under torchrun each rank holds its own share
-    ``X (n_r, D)`` (``parts``: every rank's positions among the ``n`` rows) and the statistics
-    come from collectives, so no rank holds all rows: sums ``all_reduce`` per-rank ``(D,)``
-    partial sums (the standard deviation in two passes, as torch's), coordinate-wise extremes
-    ``all_reduce`` with max/min, per-row values are gathered (``(n,)``) and pairwise distances
-    come in per-rank blocks (:meth:`~spfl_vmap.distributed.Sharding.sqdist`). The results equal
-    the one-process ones up to the order of the additions.
-    """
-
-    def __init__(self, X: torch.Tensor, n: Optional[int] = None, sh: Optional[Collectives] = None,
-                 parts: Optional[list[list[int]]] = None) -> None:
-        self.X = X  # (n_r, D) fp32: the rows held here
-        self.n = X.shape[0] if n is None else n
-        self.sh, self.parts = sh, parts
-
-    @property
-    def dim(self) -> int:
-        return self.X.shape[1]
-
-    def mean(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``(D,)`` coordinate-wise mean, computed in ``dtype``."""
-        if self.sh is None:
-            return self.X.to(dtype).mean(dim=0)
-        return self.sh.reduce(self.X.to(dtype).sum(dim=0), "sum") / self.n
-
-    def std(self) -> torch.Tensor:
-        """``(D,)`` coordinate-wise sample standard deviation (Bessel); zeros for one row."""
-        if self.sh is None:
-            return std_rows(self.X)
-        if self.n < 2:
-            return torch.zeros(self.dim, dtype=self.X.dtype, device=self.X.device)
-        mu = self.mean()
-        return (self.sh.reduce(((self.X - mu) ** 2).sum(dim=0), "sum") / (self.n - 1)).sqrt()
-
-    def max(self) -> torch.Tensor:
-        """``(D,)`` coordinate-wise maximum."""
-        return self._extreme("max")
-
-    def min(self) -> torch.Tensor:
-        """``(D,)`` coordinate-wise minimum."""
-        return self._extreme("min")
-
-    def _extreme(self, op: str) -> torch.Tensor:
-        if self.sh is None:
-            return getattr(self.X, op)(dim=0).values
-        if self.X.shape[0]:
-            local = getattr(self.X, op)(dim=0).values
-        else:  # no known row here: the identity of the reduction
-            local = torch.full((self.dim,), -math.inf if op == "max" else math.inf, dtype=self.X.dtype, device=self.X.device)
-        return self.sh.reduce(local, op)
-
-    def per_row(self, values: torch.Tensor) -> torch.Tensor:
-        """The ``(n,)`` values of every row, from ``values (n_r,)`` of the rows held here."""
-        return values if self.sh is None else self.sh.gather_rows(values, self.parts)
-
-    def sqdist(self) -> torch.Tensor:
-        """``(n, n)`` pairwise squared Euclidean distances (fp32)."""
-        return pairwise_sqdist(self.X) if self.sh is None else self.sh.sqdist(self.X, self.parts)
-
-
 @dataclass
 class Cohort:
     """The attacker's view of a round's update rows ``U``.
@@ -255,13 +169,8 @@ class Cohort:
         if self.sh is None:
             return Rows(known_rows(self.U, self.mal, knowledge))
         use = ~self.mal_all if knowledge == "omniscient" and self.n_mal < self.N else self.mal_all  # (N,)
-        order = torch.cumsum(use.long(), 0) - 1  # (N,) position among the known rows
-        parts = []
-        for pos in self.parts:
-            p = torch.tensor(pos, dtype=torch.long, device=use.device)
-            parts.append(order[p][use[p]].tolist())
         here = use[torch.tensor(self.parts[self.sh.rank], dtype=torch.long, device=use.device)]
-        return Rows(self.U[here].float(), int(use.sum()), self.sh, parts)
+        return Rows(self.U[here].float(), int(use.sum()), self.sh, subset_parts(use, self.parts))
 
     def mine(self, rows: torch.Tensor) -> torch.Tensor:
         """This rank's part ``(n_mal_r, D)`` of ``rows (n_mal, D)``, one per malicious row of the

@@ -24,6 +24,7 @@ Stages (see ``spfl_vmap.stages``):
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -31,7 +32,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..aggregators import AGGREGATORS, aggregate, check_clients, krum_scores, krum_select, normalise_weights, required_clients
+from ..aggregators import (AGGREGATORS, Rows, aggregate, check_clients, krum_scores, krum_select, normalise_weights, required_clients,
+                           subset_parts)
 from ..attacks import ATTACKS, Cohort, attack, attack_cohort, attackers_quantile, data_poison, shards_rows
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
 from ..data import dataset_meta, pack_clients
@@ -241,6 +243,15 @@ class _Share:
     zeros: torch.Tensor  # (D,) the update of a rejected round
     early: Optional[tuple[torch.Tensor, Metrics]] = None  # the round's result when it cannot aggregate
 
+    def kept_rows(self, U: torch.Tensor, sh: Sharding) -> Rows:
+        """The cohort's finite rows as :class:`~spfl_vmap.aggregators.Rows` sharded over the
+        ranks: this rank's finite rows of ``U (n_r, D)``, every rank's positions among them."""
+        N = sum(len(pos) for pos in self.rows)
+        mask = torch.zeros(N, dtype=torch.bool, device=self.kept.device)
+        mask[self.kept] = True
+        X = U if bool(self.mine_finite.all()) else U[self.mine_finite]  # no copy when all are finite
+        return Rows(X, self.kept.numel(), sh, subset_parts(mask, self.rows))
+
     def reject(self, **extra: Any) -> tuple[torch.Tensor, Metrics]:
         return self.zeros, {**self.metrics, "round_rejected": True, **extra}
 
@@ -270,7 +281,7 @@ class RobustAggregation(Aggregation):
         Krum / Multi-Krum select from distances that ranks compute in blocks
         (:meth:`Sharding.sqdist`), then sum the selected rows; the coordinate-wise median and
         trimmed mean work on ``U`` sharded by columns (:meth:`Sharding.columns`)."""
-        return self.rule in ("mean", "krum", "multi_krum", *COORDINATE_WISE)
+        return self.rule in ("mean", "krum", "multi_krum", *COORDINATE_WISE) or hasattr(AGGREGATORS.get(self.rule), "on_rows")
 
     @property
     def sharded_path(self) -> str:
@@ -279,6 +290,8 @@ class RobustAggregation(Aggregation):
             return "all_reduce of per-process sums"
         if self.rule in COORDINATE_WISE:
             return "U sharded by columns (all_to_all), the (D,) result gathered"
+        if hasattr(AGGREGATORS.get(self.rule), "on_rows"):
+            return "per-row scalars gathered, all_reduce of weighted sums"
         return "distance blocks, all_reduce of the selected rows"
 
     def __init__(self, cfg: Config) -> None:
@@ -290,15 +303,17 @@ class RobustAggregation(Aggregation):
         self.state: dict[str, Any] = {}
 
     def apply(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        if self.sharding is not None:
-            if self.rule == "mean":
-                return self.sharded_mean(ctx, U)
-            return self.sharded_columns(ctx, U) if self.rule in COORDINATE_WISE else self.sharded_krum(ctx, U)
-        if U.shape[0] == 0:
-            return torch.zeros(U.shape[1], device=U.device), {"round_rejected": True}
         for k, v in self.state.items():  # a resumed state comes from a CPU checkpoint
             if isinstance(v, torch.Tensor) and v.device != U.device:
                 self.state[k] = v.to(U.device)
+        if self.sharding is not None:
+            if self.rule == "mean":
+                return self.sharded_mean(ctx, U)
+            if self.rule in COORDINATE_WISE:
+                return self.sharded_columns(ctx, U)
+            return self.sharded_krum(ctx, U) if self.rule in ("krum", "multi_krum") else self.sharded_rows(ctx, U)
+        if U.shape[0] == 0:
+            return torch.zeros(U.shape[1], device=U.device), {"round_rejected": True}
         agg, m = aggregate(
             self.rule, U, ctx.weights, f=min(self.f, U.shape[0] - 1), state=self.state,
             generator=ctx.generator("aggregator", device=U.device), client_ids=ctx.client_ids,
@@ -432,6 +447,24 @@ class RobustAggregation(Aggregation):
         part, own = AGGREGATORS.get(self.rule)(cols[s.kept] if excluded else cols, None, f=s.f, **self.kwargs)  # (D / P,)
         extra = {f"agg_{k}": v for k, v in own.items() if isinstance(v, (int, float, bool))} if self.verbose else {}
         return s.result(self.sharding.join_columns(part.to(U.dtype), ctx.spec.dim), **extra)
+
+    def sharded_rows(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """A rule whose result is a weighted sum of rows with weights from per-row scalars (norm
+        clipping, centered clipping) from this rank's rows ``U (n_r, D)``.
+
+        As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: non-finite rows are excluded
+        (:meth:`_share`); the rule's own code (its ``on_rows``) runs on the kept rows as sharded
+        :class:`~spfl_vmap.aggregators.Rows`, per-row norms gathered and every sum all_reduced, so
+        every rank takes the same steps. Equal to one process up to the order of the additions.
+        """
+        s = self._share(ctx, U)
+        if s.early is not None:
+            return s.early
+        core = AGGREGATORS.get(self.rule).on_rows
+        state = {"state": self.state} if "state" in inspect.signature(core).parameters else {}
+        agg, own = core(s.kept_rows(U, self.sharding), ctx.weights[s.kept], **state, **self.kwargs)
+        extra = {f"agg_{k}": v for k, v in own.items() if isinstance(v, (int, float, bool))} if self.verbose else {}
+        return s.result(agg, **extra)
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}}
