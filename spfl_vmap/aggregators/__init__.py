@@ -99,6 +99,7 @@ __all__ = [
     "ENGINE_KWARGS",
     "FG_HISTORY_KEY",
     "FG_IDS_KEY",
+    "INDEX_KEYS",
     "Rows",
     "aggregate",
     "bulyan",

@@ -10,7 +10,7 @@ import torch
 from spfl_kernels import clip_scale_noise_reduce
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_args, normalise_weights
+from ._base import AGGREGATORS, Rows, check_args, normalise_weights
 
 #: ``state`` keys of :func:`foolsgold`: the client ids seen so far (``[K]`` int64, sorted) and
 #: their summed updates (``[K, D]`` fp32, row ``k`` belongs to id ``ids[k]``).
@@ -64,18 +64,26 @@ def rlr(
             ``weights`` / ``f``.
     """
     check_args(U, weights, f, "rlr")
+    return _rlr(Rows(U), weights, theta=theta, eta=eta, weighted=weighted)
+
+
+def _rlr(R: Rows, weights: torch.Tensor | None, *, theta: int = 4, eta: float = 1.0, weighted: bool = True) -> tuple[torch.Tensor, dict]:
+    """:func:`rlr` on rows that may be sharded over processes (see :class:`Rows`): the sign sums
+    (integers, exact in any order) and the weighted sum are ``all_reduce``d."""
     if theta < 0:
         raise ConfigError(f"rlr: theta (sign-agreement threshold) must be >= 0, got {theta}")
     if not (math.isfinite(eta) and eta > 0):
         raise ConfigError(f"rlr: eta (server learning rate) must be finite and > 0, got {eta}")
-    n = U.shape[0]
-    agreement = torch.sign(U.float()).sum(dim=0).abs()  # (D,) |sum_i sign(U_ik)|
+    agreement = R.total(torch.sign(R.X.float()).sum(dim=0)).abs()  # (D,) |sum_i sign(U_ik)|
     keep = agreement >= theta  # (D,)
     lr = torch.where(keep, float(eta), -float(eta))  # (D,)
-    w = normalise_weights(weights if weighted else None, n, U.device)  # (N,)
-    avg, _ = clip_scale_noise_reduce(U, math.inf, w, 0.0, 0)  # (D,) weighted mean
-    out = lr * avg.float()
-    return out.to(U.dtype), {"flipped_frac": float((~keep).float().mean()) if keep.numel() else 0.0}
+    w = normalise_weights(weights if weighted else None, R.n, R.X.device)  # (N,)
+    avg, _ = clip_scale_noise_reduce(R.X, math.inf, R.local(w), 0.0, 0)  # (D,) weighted mean of the rows here
+    out = lr * R.total(avg).float()
+    return out.to(R.X.dtype), {"flipped_frac": float((~keep).float().mean()) if keep.numel() else 0.0}
+
+
+rlr.on_rows = _rlr  # type: ignore[attr-defined]
 
 
 def foolsgold_weights(H: torch.Tensor, kappa: float = 1.0) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from spfl_kernels import clip_rows, pairwise_sqdist
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_args, check_clients, default_generator, normalise_weights
+from ._base import AGGREGATORS, Rows, check_args, check_clients, default_generator, normalise_weights
 
 FLAME_NOISE = ("paper", "dp", "none")
 
@@ -209,25 +209,36 @@ def fltrust(
             ``weights`` / ``f``.
     """
     check_args(U, weights, f, "fltrust")
-    d = U.shape[1]
+    return _fltrust(Rows(U), weights, server_update=server_update)
+
+
+def _fltrust(R: Rows, weights: torch.Tensor | None, *, server_update: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """:func:`fltrust` on rows that may be sharded over processes (see :class:`Rows`): the
+    scores are per row, the weighted sum and the scores' total ``all_reduce``d."""
+    d = R.dim
     if not isinstance(server_update, torch.Tensor) or server_update.reshape(-1).numel() != d:
         got = tuple(server_update.shape) if isinstance(server_update, torch.Tensor) else type(server_update).__name__
         raise ConfigError(f"fltrust: needs server_update, the server's [D={d}] update on its root set "
                           f"(spfl run computes it from --root_samples); got {got}")
-    g0 = server_update.reshape(-1).to(device=U.device, dtype=torch.float32)  # (D,)
-    X = U.float()
-    norms = X.norm(dim=1)  # (N,)
+    dev = R.X.device
+    g0 = server_update.reshape(-1).to(device=dev, dtype=torch.float32)  # (D,)
+    X = R.X.float()  # (n_r, D)
+    norms = X.norm(dim=1)  # (n_r,)
     g0_norm = g0.norm()
     safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    cos = (X @ g0) / (safe * torch.where(g0_norm > 0, g0_norm, torch.ones_like(g0_norm)))  # (N,) 0 for zero rows
-    ts = torch.relu(cos)  # (N,)
-    rescaled = X * (g0_norm / safe)[:, None]  # (N, D)
+    cos = (X @ g0) / (safe * torch.where(g0_norm > 0, g0_norm, torch.ones_like(g0_norm)))  # (n_r,) 0 for zero rows
+    ts_here = torch.relu(cos)  # (n_r,)
+    rescaled = X * (g0_norm / safe)[:, None]  # (n_r, D)
+    ts = R.per_row(ts_here)  # (N,)
     total = float(ts.sum())
-    out = (ts @ rescaled) / total if total > 0 else torch.zeros(d, device=U.device)
+    out = R.total(ts_here @ rescaled) / total if total > 0 else torch.zeros(d, device=dev)
     metrics = {
         "scores": ts.tolist(),
         "flagged": (ts == 0).nonzero().squeeze(1).tolist(),
         "server_norm": float(g0_norm),
         "trust_sum": total,
     }
-    return out.to(U.dtype), metrics
+    return out.to(R.X.dtype), metrics
+
+
+fltrust.on_rows = _fltrust  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..aggregators import (AGGREGATORS, Rows, aggregate, check_clients, krum_scores, krum_select, normalise_weights, required_clients,
+from ..aggregators import (AGGREGATORS, INDEX_KEYS, Rows, aggregate, check_clients, krum_scores, krum_select, normalise_weights, required_clients,
                            subset_parts)
 from ..attacks import ATTACKS, Cohort, attack, attack_cohort, attackers_quantile, data_poison, shards_rows
 from ..config import NORMALIZERS, SECTIONS, Config, check_params, need, parse_params
@@ -319,6 +319,10 @@ class RobustAggregation(Aggregation):
             generator=ctx.generator("aggregator", device=U.device), client_ids=ctx.client_ids,
             **self.extra_kwargs(ctx), **self.kwargs,
         )
+        return agg, self.report(ctx, m)
+
+    def report(self, ctx: RoundContext, m: dict[str, Any]) -> Metrics:
+        """The stage's metrics from the rule's ``m`` (row indices are cohort positions)."""
         out: Metrics = {}
         if m.get("round_rejected"):
             out["round_rejected"] = True
@@ -339,7 +343,7 @@ class RobustAggregation(Aggregation):
                 out["flagged"] = len(flagged)
                 idx = torch.tensor(flagged, dtype=torch.long, device=ctx.malicious.device)
                 out["malicious_flagged"] = int(ctx.malicious[idx].sum()) if flagged else 0
-        return agg, out
+        return out
 
     def extra_kwargs(self, ctx: RoundContext) -> dict[str, Any]:
         """Engine keywords a subclass computes per round (FLTrust's ``server_update``)."""
@@ -450,7 +454,8 @@ class RobustAggregation(Aggregation):
 
     def sharded_rows(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """A rule whose result is a weighted sum of rows with weights from per-row scalars (norm
-        clipping, centered clipping) from this rank's rows ``U (n_r, D)``.
+        clipping, centered clipping, FLTrust; RLR also sums signs) from this rank's rows
+        ``U (n_r, D)``.
 
         As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: non-finite rows are excluded
         (:meth:`_share`); the rule's own code (its ``on_rows``) runs on the kept rows as sharded
@@ -461,10 +466,12 @@ class RobustAggregation(Aggregation):
         if s.early is not None:
             return s.early
         core = AGGREGATORS.get(self.rule).on_rows
-        state = {"state": self.state} if "state" in inspect.signature(core).parameters else {}
-        agg, own = core(s.kept_rows(U, self.sharding), ctx.weights[s.kept], **state, **self.kwargs)
-        extra = {f"agg_{k}": v for k, v in own.items() if isinstance(v, (int, float, bool))} if self.verbose else {}
-        return s.result(agg, **extra)
+        engine = {"state": self.state, **self.extra_kwargs(ctx)}
+        engine = {k: v for k, v in engine.items() if k in inspect.signature(core).parameters}
+        agg, own = core(s.kept_rows(U, self.sharding), ctx.weights[s.kept], **engine, **self.kwargs)
+        kept = s.kept.tolist()  # the rule's row indices count kept rows, as in aggregate()
+        own = {k: [kept[i] for i in v] if k in INDEX_KEYS else v for k, v in own.items()}
+        return s.result(agg, **self.report(ctx, own))
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in self.state.items()}}
