@@ -27,11 +27,11 @@ split:
   once. Krum and Multi-Krum select from ``(N, N)`` distances computed in per-rank row blocks
   (:meth:`Sharding.sqdist`) and reduce the selected rows. The coordinate-wise median and
   trimmed mean work on ``U`` sharded by columns (:meth:`Sharding.columns`, one ``all_to_all``)
-  and gather the ``(D,)`` result. Norm clipping, centered clipping, FLTrust and RLR gather per-row
-  scalars and reduce their sums (the rules' ``on_rows`` cores on sharded
+  and gather the ``(D,)`` result. Norm clipping, centered clipping, FLTrust, RLR and FLAME (its
+  cosine distances in blocks) gather per-row scalars and reduce their sums (the rules' ``on_rows`` cores on sharded
   ``spfl_vmap.aggregators.Rows``). Byzantine attacks (all but
   ``agr_tal``) rewrite each rank's own malicious rows, the benign statistics taken by
-  collectives (``spfl_vmap.attacks.Cohort``). Every other rule (Bulyan, geometric median, FLAME, FoolsGold, ...)
+  collectives (``spfl_vmap.attacks.Cohort``). Every other rule (Bulyan, geometric median, DnC, FoolsGold, ...)
   and every other update stage sees all of ``U``, gathered.
 
 Equality with the one-process run: local training is per client, so each client's row of ``U``

@@ -63,6 +63,7 @@ CONFIGS = {
     "fltrust_sign_flip": dict(by_attack="sign_flip", by_attack_params="scale=4", by_defense="fltrust", by_frac=0.25,
                               by_mode="per_round"),
     "rlr_alie": dict(by_attack="alie", by_defense="rlr", by_defense_params="theta=3", by_frac=0.25, by_mode="per_round"),
+    "flame_gaussian": dict(by_attack="gaussian", by_attack_params="sigma=1", by_defense="flame", by_frac=0.25, by_mode="per_round"),
     "ipm_dp_fedavg": dict(by_attack="ipm", by_attack_params="epsilon=2", by_frac=0.25, by_mode="per_round",
                           dp_mode="user", dp_sigma=0.5, grad_norm=0.5),
     # no update stage: distances in per-process blocks, the selected rows all_reduced (U never whole)
@@ -76,12 +77,12 @@ CONFIGS = {
 #: runs whose rows stay in their processes (partial sums, distance blocks, attack statistics by collectives)
 ROW_SHARDED = ("fedavg_lr", "fedavg_cnn", "dp_fedavg", "dp_sgd", "krum_blocks", "multi_krum_blocks", "krum_gaussian",
                "alie_mean", "min_max_multi_krum", "ipm_dp_fedavg", "median_alie", "trimmed_mean_nan", "norm_clip_ipm",
-               "centered_clipping_gaussian", "fltrust_sign_flip", "rlr_alie")
+               "centered_clipping_gaussian", "fltrust_sign_flip", "rlr_alie", "flame_gaussian")
 #: how the rows meet (``config.json``'s ``distributed.aggregation``), by user-level DP or the rule
 SHARDED_PATHS = {True: "all_reduce of per-process clipped sums", "mean": "all_reduce of per-process sums",
                  "krum": "distance blocks", "multi_krum": "distance blocks",
                  "median": "U sharded by columns", "trimmed_mean": "U sharded by columns",
-                 **dict.fromkeys(("norm_clip", "centered_clipping", "fltrust", "rlr"), "per-row scalars gathered")}
+                 **dict.fromkeys(("norm_clip", "centered_clipping", "fltrust", "rlr", "flame"), "per-row scalars gathered")}
 
 #: of those, runs with no reordered sum: Krum returns a selected row's bits; the trimmed mean
 #: on column blocks sums each column in row order, as on the whole U; NaN rows are row-local
@@ -185,7 +186,8 @@ def test_sharded_run_equals_one_process(job, name):
     if "krum" in name and cfg.by_attack != "none":
         assert [r["malicious_selected"] for r in got["rows"]] == [r["malicious_selected"] for r in ref["rows"]]
     for key in ("malicious", "attack_z", "attack_gamma", "nonfinite_excluded", "agg_trim_k", "agg_clip_norm", "agg_clipped_frac",
-                "flagged", "malicious_flagged", "agg_trust_sum", "agg_server_norm", "agg_flipped_frac"):
+                "flagged", "malicious_flagged", "agg_trust_sum", "agg_server_norm", "agg_flipped_frac",
+                "selected_ids", "agg_clusters", "agg_clip_bound", "agg_clipped", "agg_noise_std"):
         assert [r.get(key) for r in got["rows"]] == [pytest.approx(r[key], rel=1e-6) if key in r else None for r in ref["rows"]], key
     if name.endswith("krum_blocks"):  # the same clients selected from the block distances
         assert not mode.startswith("all_gather"), mode

@@ -27,11 +27,18 @@ def cosine_distances(U: torch.Tensor) -> torch.Tensor:
     for unit ``a, b``). A zero row has cosine 0 with every other row (distance 1), as in
     scikit-learn's ``cosine_distances``; the diagonal is exactly 0.
     """
-    X = U.float()
-    norms = X.norm(dim=1)  # (N,)
-    nonzero = norms > 0
-    unit = X / torch.where(nonzero, norms, torch.ones_like(norms))[:, None]  # (N, D)
-    d = (pairwise_sqdist(unit.contiguous()) / 2).clamp(0.0, 2.0)  # (N, N)
+    return _cosine_distances(Rows(U))
+
+
+def _cosine_distances(R: Rows) -> torch.Tensor:
+    """:func:`cosine_distances` of rows that may be sharded over processes (see :class:`Rows`):
+    the unit rows' distances in per-process blocks, the zero-row flags gathered."""
+    X = R.X.float()
+    norms = X.norm(dim=1)  # (n_r,)
+    here = norms > 0
+    unit = X / torch.where(here, norms, torch.ones_like(norms))[:, None]  # (n_r, D)
+    d = (Rows(unit.contiguous(), R.n, R.sh, R.parts).sqdist() / 2).clamp(0.0, 2.0)  # (N, N)
+    nonzero = R.per_row(here.to(torch.uint8)).bool()  # (N,)
     either_zero = ~(nonzero[:, None] & nonzero[None, :])
     d = torch.where(either_zero, torch.ones_like(d), d)
     d.fill_diagonal_(0.0)
@@ -138,6 +145,17 @@ def flame(
             range, ``min_cluster_size < 2``, or malformed ``U`` / ``weights`` / ``f``.
     """
     check_args(U, weights, f, "flame")
+    check_clients("flame", U.shape[0], f)
+    return _flame(Rows(U), weights, generator=generator, noise=noise, lamda=lamda, epsilon=epsilon, delta=delta,
+                  min_cluster_size=min_cluster_size, weighted=weighted)
+
+
+def _flame(R: Rows, weights: torch.Tensor | None, *, generator: torch.Generator | None = None, noise: str = "paper",
+           lamda: float = 0.001, epsilon: float = 3705.0, delta: float = 0.001, min_cluster_size: int | None = None,
+           weighted: bool = False) -> tuple[torch.Tensor, dict]:
+    """:func:`flame` on rows that may be sharded over processes (see :class:`Rows`): the cosine
+    distances in per-process blocks, the norms gathered, the clipped sum ``all_reduce``d; the
+    clustering and the noise are the same on every process."""
     if noise not in FLAME_NOISE:
         raise ConfigError(f"flame: noise must be one of {', '.join(FLAME_NOISE)}, got {noise!r}")
     if not (math.isfinite(lamda) and lamda >= 0):
@@ -146,15 +164,17 @@ def flame(
         raise ConfigError(f"flame: epsilon must be > 0 and delta in (0, 1), got epsilon={epsilon}, delta={delta}")
     if min_cluster_size is not None and min_cluster_size < 2:
         raise ConfigError(f"flame: min_cluster_size must be >= 2, got {min_cluster_size}")
-    n = U.shape[0]
-    check_clients("flame", n, f)
-    keep, clusters = hdbscan_majority(cosine_distances(U), min(min_cluster_size or n // 2 + 1, n))
-    norms = U.float().norm(dim=1)  # (N,)
+    n, dev = R.n, R.X.device
+    keep, clusters = hdbscan_majority(_cosine_distances(R), min(min_cluster_size or n // 2 + 1, n))
+    norms = R.per_row(R.X.float().norm(dim=1))  # (N,)
     S = float(norms.quantile(0.5))  # the mean of the middle two for even N, as np.median
     kept = keep.nonzero().squeeze(1)  # (n_kept,)
-    clipped, kept_norms = clip_rows(U[kept].contiguous(), S)  # (n_kept, D)
-    w = normalise_weights(weights[kept] if (weighted and weights is not None) else None, kept.numel(), U.device)
-    out = w @ clipped.float()  # (D,)
+    mine = R.local(keep.to(dev))  # (n_r,) this process's kept rows
+    clipped, kept_norms = clip_rows(R.X[mine].contiguous(), S)  # (n_kept_r, D), (n_kept_r,)
+    w = normalise_weights(weights[kept] if (weighted and weights is not None) else None, kept.numel(), dev)  # (n_kept,)
+    w_all = torch.zeros(n, dtype=w.dtype, device=dev)
+    w_all[kept.to(dev)] = w
+    out = R.total(R.local(w_all)[mine] @ clipped.float())  # (D,)
     lam = {"paper": lamda, "dp": math.sqrt(2 * math.log(1.25 / delta)) / epsilon, "none": 0.0}[noise]
     sigma = lam * S
     if sigma > 0:
@@ -165,10 +185,13 @@ def flame(
         "flagged": (~keep).nonzero().squeeze(1).tolist(),
         "clusters": clusters,
         "clip_bound": S,
-        "clipped": int((kept_norms > S).sum()),
+        "clipped": int(R.total((kept_norms > S).sum())),
         "noise_std": sigma,
     }
-    return out.to(U.dtype), metrics
+    return out.to(R.X.dtype), metrics
+
+
+flame.on_rows = _flame  # type: ignore[attr-defined]
 
 
 @AGGREGATORS.register("fltrust")

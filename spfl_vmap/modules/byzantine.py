@@ -454,8 +454,8 @@ class RobustAggregation(Aggregation):
 
     def sharded_rows(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """A rule whose result is a weighted sum of rows with weights from per-row scalars (norm
-        clipping, centered clipping, FLTrust; RLR also sums signs) from this rank's rows
-        ``U (n_r, D)``.
+        clipping, centered clipping, FLTrust; RLR also sums signs; FLAME clusters on cosine
+        distances computed in blocks) from this rank's rows ``U (n_r, D)``.
 
         As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: non-finite rows are excluded
         (:meth:`_share`); the rule's own code (its ``on_rows``) runs on the kept rows as sharded
@@ -466,7 +466,8 @@ class RobustAggregation(Aggregation):
         if s.early is not None:
             return s.early
         core = AGGREGATORS.get(self.rule).on_rows
-        engine = {"state": self.state, **self.extra_kwargs(ctx)}
+        check_clients(self.rule, s.kept.numel(), s.f, self.kwargs)
+        engine = {"state": self.state, "generator": ctx.generator("aggregator", device=U.device), **self.extra_kwargs(ctx)}
         engine = {k: v for k, v in engine.items() if k in inspect.signature(core).parameters}
         agg, own = core(s.kept_rows(U, self.sharding), ctx.weights[s.kept], **engine, **self.kwargs)
         kept = s.kept.tolist()  # the rule's row indices count kept rows, as in aggregate()
