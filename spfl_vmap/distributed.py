@@ -21,7 +21,7 @@ split:
   are all_reduced and added in batch order (``RoundLoop.evaluate``), the one-process bits.
 * **Reduction.** Where the aggregate is a weighted sum of rows (mean / FedAvg, DP-FedAvg's
   clipped sum) and no stage reads the whole ``U``, nothing is gathered: each rank sums its own
-  rows and one ``all_reduce`` adds the partial sums (``RobustAggregation.sharded_mean``,
+  rows and one ``all_reduce`` adds the partial sums (``RobustAggregation.sharded_rows``,
   ``DPFedAvg.sharded_apply``).
   DP-FedAvg's noise is drawn from ``(seed, "dp-fedavg", round)`` after the reduction and added
   once. Krum and Multi-Krum select from ``(N, N)`` distances computed in per-rank row blocks

@@ -9,7 +9,7 @@ import torch
 from spfl_kernels import clip_scale_noise_reduce, order_stats
 
 from ..errors import ConfigError
-from ._base import AGGREGATORS, check_args, check_clients, normalise_weights
+from ._base import AGGREGATORS, Rows, check_args, check_clients, normalise_weights
 
 
 @AGGREGATORS.register("mean")
@@ -38,10 +38,19 @@ def mean(
         ``([D] aggregate, {})``.
     """
     check_args(U, weights, f, "mean")
-    w = normalise_weights(weights, U.shape[0], U.device)  # (N,)
+    return _mean(Rows(U), weights)
+
+
+def _mean(R: Rows, weights: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """:func:`mean` on rows that may be sharded over processes (see :class:`Rows`): each
+    process's weighted sum, ``all_reduce``d."""
+    w = normalise_weights(weights, R.n, R.X.device)  # (N,)
     # The fused kernel with no clipping and no noise is exactly the weighted sum.
-    out, _ = clip_scale_noise_reduce(U, math.inf, w, 0.0, 0)
-    return out.to(U.dtype), {}
+    out, _ = clip_scale_noise_reduce(R.X, math.inf, R.local(w), 0.0, 0)
+    return R.total(out).to(R.X.dtype), {}
+
+
+mean.on_rows = _mean  # type: ignore[attr-defined]
 
 
 @AGGREGATORS.register("median")

@@ -98,9 +98,13 @@ def known_rows(U: torch.Tensor, mal: torch.Tensor, knowledge: str) -> torch.Tens
     Returns:
         ``[n_known, D]`` fp32.
     """
-    if knowledge == "omniscient" and bool((~mal).any()):
-        return U[~mal].float()
-    return U[mal].float()
+    return U[known_mask(mal, knowledge)].float()
+
+
+def known_mask(mal: torch.Tensor, knowledge: str) -> torch.Tensor:
+    """``(N,)`` which rows :func:`known_rows` takes: the benign ones (``omniscient``, if any),
+    else the malicious clients' own."""
+    return ~mal if knowledge == "omniscient" and bool((~mal).any()) else mal
 
 
 def n_byzantine(mal: torch.Tensor, f: int) -> int:
@@ -161,14 +165,14 @@ class Cohort:
         return self.U.shape[1]
 
     def planned(self, f: int) -> int:
-        """The Byzantine count the attack plans for: ``f`` if given (> 0), else the malicious count."""
-        return int(f) if int(f) > 0 else self.n_mal
+        """The Byzantine count the attack plans for (:func:`n_byzantine` over the cohort)."""
+        return n_byzantine(self.mal_all, f)
 
     def known(self, knowledge: str) -> Rows:
         """The rows the attacker may use (see :func:`known_rows`), as :class:`Rows`."""
         if self.sh is None:
             return Rows(known_rows(self.U, self.mal, knowledge))
-        use = ~self.mal_all if knowledge == "omniscient" and self.n_mal < self.N else self.mal_all  # (N,)
+        use = known_mask(self.mal_all, knowledge)  # (N,)
         here = use[torch.tensor(self.parts[self.sh.rank], dtype=torch.long, device=use.device)]
         return Rows(self.U[here].float(), int(use.sum()), self.sh, subset_parts(use, self.parts))
 
@@ -177,9 +181,8 @@ class Cohort:
         cohort in cohort order (drawn identically on every rank)."""
         if self.sh is None:
             return rows
-        order = torch.cumsum(self.mal_all.long(), 0) - 1  # (N,)
-        mine = torch.tensor(self.parts[self.sh.rank], dtype=torch.long, device=self.mal_all.device)
-        return rows[order[mine][self.mal].to(rows.device)]
+        mine = subset_parts(self.mal_all, self.parts)[self.sh.rank]  # this rank's positions among the malicious rows
+        return rows[torch.tensor(mine, dtype=torch.long, device=rows.device)]
 
     def write(self, rows: torch.Tensor) -> torch.Tensor:
         """A copy of ``U`` whose malicious rows held here are ``rows``: ``(D,)`` (or a scalar)

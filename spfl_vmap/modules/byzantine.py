@@ -25,7 +25,6 @@ Stages (see ``spfl_vmap.stages``):
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -42,7 +41,6 @@ from ..engine.loop import plain_trainer
 from ..errors import ConfigError, SpflError
 from ..rng import derive_seed, generator
 from ..stages import Adversary, Aggregation, BatchTransform, BuildEnv, Metrics, RoundContext, Stage, UpdateStage
-from spfl_kernels import clip_scale_noise_reduce
 
 MAX_LISTED = 100  # index lists longer than this are logged as counts only
 
@@ -268,8 +266,9 @@ class RobustAggregation(Aggregation):
     Holds the aggregator's state across rounds (centered clipping's momentum, FoolsGold's
     per-client histories), checkpointed.
 
-    Under torchrun the mean (FedAvg) reduces per-rank partial sums (:meth:`sharded_mean`) when the
-    builder sets :attr:`sharding`; every other rule gets all of ``U``, gathered.
+    Under torchrun, when the builder sets :attr:`sharding` (:attr:`sums_rows`), ``apply`` gets this
+    rank's rows and the rule runs on them with collectives (:meth:`sharded_rows`,
+    :meth:`sharded_krum`, :meth:`sharded_columns`); every other rule gets all of ``U``, gathered.
     """
 
     name = "aggregator"
@@ -277,11 +276,12 @@ class RobustAggregation(Aggregation):
 
     @property
     def sums_rows(self) -> bool:
-        """Ranks can aggregate without gathering ``U``: the mean is a weighted sum of rows;
+        """Ranks can aggregate without gathering ``U``: rules with an ``on_rows`` core (the mean,
+        clipping rules, FLTrust, RLR, FLAME) run it on sharded rows (:meth:`sharded_rows`);
         Krum / Multi-Krum select from distances that ranks compute in blocks
         (:meth:`Sharding.sqdist`), then sum the selected rows; the coordinate-wise median and
         trimmed mean work on ``U`` sharded by columns (:meth:`Sharding.columns`)."""
-        return self.rule in ("mean", "krum", "multi_krum", *COORDINATE_WISE) or hasattr(AGGREGATORS.get(self.rule), "on_rows")
+        return self.rule in ("krum", "multi_krum", *COORDINATE_WISE) or hasattr(AGGREGATORS.get(self.rule), "on_rows")
 
     @property
     def sharded_path(self) -> str:
@@ -307,8 +307,6 @@ class RobustAggregation(Aggregation):
             if isinstance(v, torch.Tensor) and v.device != U.device:
                 self.state[k] = v.to(U.device)
         if self.sharding is not None:
-            if self.rule == "mean":
-                return self.sharded_mean(ctx, U)
             if self.rule in COORDINATE_WISE:
                 return self.sharded_columns(ctx, U)
             return self.sharded_krum(ctx, U) if self.rule in ("krum", "multi_krum") else self.sharded_rows(ctx, U)
@@ -370,28 +368,6 @@ class RobustAggregation(Aggregation):
             share.early = share.reject(too_few_rows=kept.numel())
         return share
 
-    def sharded_mean(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        """FedAvg's weighted mean from this rank's rows ``U (n_r, D)`` of the cohort.
-
-        As :func:`~spfl_vmap.aggregators.aggregate` with ``mean`` on all of ``U``: rows with a
-        non-finite squared norm are excluded (:meth:`_share`), the weights are normalised over
-        the cohort's kept rows, each rank sums its own weighted rows and one ``all_reduce`` adds
-        the ``(D,)`` partial sums. Equal to the one-process mean up to the order of the additions.
-        """
-        s = self._share(ctx, U)
-        if s.early is not None:
-            return s.early
-        sh, N, D = self.sharding, ctx.num_clients, ctx.spec.dim
-        w = torch.zeros(N, device=U.device)
-        w[s.kept] = normalise_weights(ctx.weights[s.kept], s.kept.numel(), U.device)  # (N,) 0 on excluded rows
-        mine = torch.tensor(s.rows[sh.rank], dtype=torch.long, device=U.device)
-        partial = torch.zeros(D, device=U.device)
-        if bool(s.mine_finite.any()):
-            all_finite = bool(s.mine_finite.all())  # then no (n_r, D) copy
-            Uk, wk = (U, w[mine]) if all_finite else (U[s.mine_finite], w[mine][s.mine_finite])
-            partial, _ = clip_scale_noise_reduce(Uk, math.inf, wk, 0.0, 0)  # (D,)
-        return s.result(sh.sum(partial))
-
     def sharded_krum(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
         """Krum / Multi-Krum (Blanchard et al. 2017) from this rank's rows ``U (n_r, D)``.
 
@@ -449,13 +425,12 @@ class RobustAggregation(Aggregation):
         cols, _ = self.sharding.columns(U, s.rows)  # (N, D / P)
         excluded = ctx.num_clients - s.kept.numel()
         part, own = AGGREGATORS.get(self.rule)(cols[s.kept] if excluded else cols, None, f=s.f, **self.kwargs)  # (D / P,)
-        extra = {f"agg_{k}": v for k, v in own.items() if isinstance(v, (int, float, bool))} if self.verbose else {}
-        return s.result(self.sharding.join_columns(part.to(U.dtype), ctx.spec.dim), **extra)
+        return s.result(self.sharding.join_columns(part.to(U.dtype), ctx.spec.dim), **self.report(ctx, own))
 
     def sharded_rows(self, ctx: RoundContext, U: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-        """A rule whose result is a weighted sum of rows with weights from per-row scalars (norm
-        clipping, centered clipping, FLTrust; RLR also sums signs; FLAME clusters on cosine
-        distances computed in blocks) from this rank's rows ``U (n_r, D)``.
+        """A rule whose result is a weighted sum of rows with weights from per-row scalars (the
+        mean, norm clipping, centered clipping, FLTrust; RLR also sums signs; FLAME clusters on
+        cosine distances computed in blocks) from this rank's rows ``U (n_r, D)``.
 
         As :func:`~spfl_vmap.aggregators.aggregate` on all of ``U``: non-finite rows are excluded
         (:meth:`_share`); the rule's own code (its ``on_rows``) runs on the kept rows as sharded
