@@ -215,12 +215,21 @@ def gather_batch(
 
 
 def start_params(ctx: RoundContext, cohort_rows: torch.Tensor) -> Params:
-    """``{k: (n, *shape)}`` the models the clients at ``cohort_rows`` start from: the global
-    model broadcast, or each row's own (``ctx.row_params``, vectorized sweeps)."""
+    """``{k: (n, *shape)}`` fresh copies (to train in place) of the models the clients at
+    ``cohort_rows`` start from: the global model broadcast, or each row's own
+    (``ctx.row_params``, vectorized sweeps)."""
     n = len(cohort_rows)
     if ctx.row_params is not None:
-        return {k: v[cohort_rows].clone() for k, v in ctx.row_params.items()}
+        return {k: v[cohort_rows] for k, v in ctx.row_params.items()}  # indexing copies
     return {k: v.expand(n, *v.shape).clone() for k, v in ctx.global_params.items()}
+
+
+def start_flat(spec: ParamSpec, ctx: RoundContext, cohort_rows: torch.Tensor) -> torch.Tensor:
+    """The same starting models flattened, to subtract from the trained ones: ``(n, D)`` rows of
+    ``ctx.row_params``, or the global model ``(1, D)`` (broadcast, not copied n times)."""
+    if ctx.row_params is not None:
+        return spec.flatten({k: v[cohort_rows] for k, v in ctx.row_params.items()}, stacked=True)
+    return spec.flatten(ctx.global_params)[None]
 
 
 def row_hypers(ctx: RoundContext, cohort_rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -372,8 +381,7 @@ class VmapTrainer:
             return self._train_one(self._replicas[0], ctx, int(rows[0]), sched, transforms)
         ids = torch.tensor([ctx.client_ids[int(r)] for r in rows], device=self.device)
         index_rows = self.packed.index[ids]  # (n, n_max)
-        start = start_params(ctx, cohort_rows)  # {k: (n, *shape)}
-        params = {k: v.clone() for k, v in start.items()}
+        params = start_params(ctx, cohort_rows)  # {k: (n, *shape)}, trained in place
         hypers = row_hypers(ctx, cohort_rows)
         mom = hypers.get("momentum", self.cfg.momentum)
         state = make_client_optimizer(self.cfg.client_optimizer, self.cfg.lr, mom, self.cfg.wd).init(params)
@@ -401,8 +409,7 @@ class VmapTrainer:
             a_next = counts[t + 1]
             if a_next < a:  # clients a_next..a-1 took their last step
                 final[a_next:a] = self.spec.flatten({k: v[a_next:a] for k, v in params.items()}, stacked=True)
-        w0 = self.spec.flatten(start, stacked=True) if ctx.row_params is not None else self.spec.flatten(ctx.global_params)[None]
-        return final - w0, loss_sum / sched.steps.to(self.device).clamp(min=1)
+        return final - start_flat(self.spec, ctx, cohort_rows), loss_sum / sched.steps.to(self.device).clamp(min=1)
 
     def _float_hypers(self) -> bool:
         """The per-client fast path drives ``torch.optim``, which needs float hyperparameters."""

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from ..data.packing import PackedClients
 from ..engine.local import (
     LocalResult, active_counts, activation_numel, available_memory, gather_batch, largest_first, round_schedule, row_hypers,
-    start_params,
+    start_flat, start_params,
 )
 from ..engine.optim import make_client_optimizer
 from ..engine.params import ParamSpec, Params
@@ -166,8 +166,7 @@ class DPSGDTrainer:
         ids = torch.tensor(client_ids, device=dev)
         cohort_rows = rows.to(dev)
         index_rows = self.packed.index[ids]  # (n, n_max)
-        start = start_params(ctx, cohort_rows)  # {k: (n, *shape)}
-        params = {k: v.clone() for k, v in start.items()}
+        params = start_params(ctx, cohort_rows)  # {k: (n, *shape)}, trained in place
         hyp = row_hypers(ctx, cohort_rows)  # {name: (n,)} float64
         opt_h = {k: hyp[k] for k in ("lr", "momentum", "wd") if k in hyp}
         clip, sigma = hyp.get("grad_norm", self.clip), hyp.get("dp_sigma", self.sigma)
@@ -207,5 +206,5 @@ class DPSGDTrainer:
             nonempty = (sizes_cpu[:a, t] > 0).to(dev, loss_sum.dtype)  # (a,)
             loss_sum[:a] += (sample_losses * m).sum(1) / m.sum(1).clamp(min=1.0) * nonempty
             loss_steps[:a] += nonempty
-        U = self.spec.flatten(params, stacked=True) - self.spec.flatten(start, stacked=True)
+        U = self.spec.flatten(params, stacked=True) - start_flat(self.spec, ctx, cohort_rows)
         return U, loss_sum / loss_steps.clamp(min=1.0)
